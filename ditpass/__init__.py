@@ -1,0 +1,1 @@
+"""ditpass: compiler passes for Diffusion Transformer inference."""

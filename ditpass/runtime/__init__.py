@@ -1,0 +1,1 @@
+"""What rewritten graphs call: collectives, attention kernels, step state."""

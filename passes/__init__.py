@@ -1,0 +1,1 @@
+"""Graph passes, one per file. `ditpass.passes.registry` orders them."""
