@@ -1,0 +1,128 @@
+"""Mesh arithmetic for a Plan: which global ranks share each axis, and the DeviceMesh.
+
+Axes, outer to inner: ``dp, cfg, pipefusion, ring, ulysses``. Ranks are laid out row-major,
+so the innermost axis (Ulysses, whose all-to-all moves the most bytes) groups adjacent ranks,
+which torchrun places on the same node. For ``Plan(cfg=2, ring=2, ulysses=2)`` on 8 ranks::
+
+    rank      0 1 2 3 4 5 6 7
+    cfg       0 0 0 0 1 1 1 1
+    ring      0 0 1 1 0 0 1 1
+    ulysses   0 1 0 1 0 1 0 1
+
+"Axis" names a mesh dimension; "dim" is kept for tensor dimensions.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from ditpass.plan import DEGREES, Plan, PlanError
+
+__all__ = ["AXES", "ParallelDims", "init_distributed"]
+
+AXES = DEGREES
+
+
+@dataclass(frozen=True)
+class ParallelDims:
+    """A plan's degrees laid out over ``world_size`` ranks; validated once, on construction."""
+
+    plan: Plan
+    world_size: int
+
+    def __post_init__(self):
+        self.plan.validate(self.world_size)
+
+    @property
+    def degrees(self) -> dict[str, int]:
+        """Axis name -> degree, outer to inner."""
+        return {axis: getattr(self.plan, axis) for axis in AXES}
+
+    @property
+    def shape(self) -> tuple[int, ...]:
+        return tuple(self.degrees.values())
+
+    @property
+    def active_axes(self) -> tuple[str, ...]:
+        """Axes with degree > 1, outer to inner."""
+        return tuple(axis for axis, n in self.degrees.items() if n > 1)
+
+    def _stride(self, axis: str) -> int:
+        """Distance in global ranks between neighbours along ``axis``."""
+        return math.prod(self.shape[AXES.index(axis) + 1 :])
+
+    def _check(self, axis: str | None, rank: int):
+        if axis is not None and axis not in AXES:
+            raise ValueError(f"unknown mesh axis {axis!r}; axes are {', '.join(AXES)}")
+        if not 0 <= rank < self.world_size:
+            raise ValueError(f"rank {rank} is outside the world of {self.world_size} ranks")
+
+    def coords(self, rank: int) -> dict[str, int]:
+        """Coordinate of global ``rank`` along every axis; pure arithmetic, no process group."""
+        self._check(None, rank)
+        return {axis: rank // self._stride(axis) % n for axis, n in self.degrees.items()}
+
+    def ranks_of(self, axis: str, rank: int) -> list[int]:
+        """Global ranks of the group along ``axis`` that contains ``rank``, in axis order."""
+        self._check(axis, rank)
+        stride = self._stride(axis)
+        first = rank - self.coords(rank)[axis] * stride
+        return [first + i * stride for i in range(self.degrees[axis])]
+
+    def build_mesh(self, device_type: str | None = None):
+        """A DeviceMesh over the default process group with all five axes, size-1 ones too,
+        so that ``mesh["ulysses"]`` always exists.
+
+        ``device_type`` defaults to ``"cuda"`` under NCCL and ``"cpu"`` otherwise.
+        Every rank must call this (it creates the axis process groups collectively).
+        """
+        from torch.distributed.device_mesh import init_device_mesh
+
+        if not (dist.is_available() and dist.is_initialized()):
+            raise RuntimeError(
+                "build_mesh needs an initialised process group: call "
+                "ditpass.mesh.init_distributed() under torchrun first"
+            )
+        if dist.get_world_size() != self.world_size:
+            raise PlanError(
+                f"ParallelDims was built for world_size={self.world_size} but the process "
+                f"group has {dist.get_world_size()} ranks: rebuild it with "
+                f"ParallelDims(plan, dist.get_world_size())"
+            )
+        if device_type is None:
+            device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
+        return init_device_mesh(device_type, self.shape, mesh_dim_names=AXES)
+
+
+def init_distributed(backend: str | None = None) -> tuple[int, int]:
+    """Join the process group and return ``(rank, world_size)``.
+
+    Uses an already initialised group as is; otherwise initialises from torchrun's environment
+    (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``) with ``backend`` (default NCCL where CUDA is
+    available, else gloo); without that environment, a single process: ``(0, 1)``, no group.
+    """
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_rank(), dist.get_world_size()
+    needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
+    missing = [v for v in needed if v not in os.environ]
+    if missing:
+        if int(os.environ.get("WORLD_SIZE", "1")) > 1:
+            raise RuntimeError(
+                f"WORLD_SIZE={os.environ['WORLD_SIZE']} but {', '.join(missing)} not set: "
+                f"launch with torchrun, which sets {', '.join(needed)}"
+            )
+        return 0, 1
+    if not dist.is_available():
+        raise RuntimeError("torchrun environment found but this torch build has no distributed")
+    if backend is None:
+        backend = "nccl" if torch.cuda.is_available() else "gloo"
+    if backend == "nccl":
+        # Bind this process to its GPU before NCCL creates communicators on the wrong one.
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dist.init_process_group(backend, init_method="env://")
+    return dist.get_rank(), dist.get_world_size()
