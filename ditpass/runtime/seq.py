@@ -1,0 +1,166 @@
+"""Sequence-parallel runtime: shard, gather, Ulysses / ring / USP attention.
+
+Legend: ``B`` batch, ``H`` heads, ``S`` local tokens, ``D`` head dim; ``n`` sequence-parallel
+ranks (ring x ulysses), ``p`` this rank's index among them (ring-major: ``p = ring * u + ulysses``).
+
+Layout of a sharded tensor: the sequence is a concatenation of segments (FLUX: text, image)
+with global lengths ``lengths``. Each segment of length ``L`` is cut into ``n`` chunks of
+``c = ceil(L / n)`` tokens; rank ``p`` holds chunk ``p`` of every segment, in segment order.
+Chunks past the end are *edge padded* (copies of the segment's last token), so token-wise ops
+on pad tokens compute the same finite values as on a real token, and attention drops pad keys
+by slicing (no mask, so fused kernels stay usable). Results are exact, not approximate.
+
+Every function here is plain torch plus functional collectives, so export, FX and
+``torch.compile`` trace through it. Group arguments are c10d group names (strings).
+"""
+from __future__ import annotations
+
+import torch
+import torch.distributed._functional_collectives as funcol
+
+__all__ = ["chunk_len", "local_len", "shard", "gather", "seq_attention", "sdpa_lse", "merge_lse"]
+
+
+def chunk_len(length, n: int):
+    """Tokens per rank for a segment of ``length`` tokens over ``n`` ranks (ceil)."""
+    return (length + n - 1) // n
+
+
+def local_len(lengths: list, n: int):
+    """Local token count of a sharded tensor made of segments of these global lengths."""
+    total = 0
+    for L in lengths:
+        total = total + chunk_len(L, n)
+    return total
+
+
+def _valid(L, n: int, p):
+    """How many of chunk ``p``'s ``chunk_len(L, n)`` tokens are real (the rest is padding)."""
+    c = chunk_len(L, n)
+    return max(0, min(c, L - p * c))
+
+
+def shard(x: torch.Tensor, dim: int, lengths: list, n: int, p: int) -> torch.Tensor:
+    """Rank ``p``'s chunks of every segment of the full tensor ``x`` along ``dim`` (edge padded)."""
+    parts, off = [], 0
+    for L in lengths:
+        c = chunk_len(L, n)
+        idx = (torch.arange(c, device=x.device) + p * c).clamp(max=L - 1) + off
+        parts.append(x.index_select(dim, idx))
+        off = off + L
+    return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def gather(x: torch.Tensor, dim: int, lengths: list, n: int, group: str) -> torch.Tensor:
+    """The full tensor from every rank's shard: all-gather, drop padding, restore segment order."""
+    dim = dim % x.dim()
+    xm = x.movedim(dim, 0).contiguous()
+    g = funcol.all_gather_tensor(xm, 0, group)  # [n * S, ...]
+    g = funcol.wait_tensor(g) if hasattr(funcol, "wait_tensor") else g
+    g = g.view(n, xm.shape[0], *xm.shape[1:])
+    parts, off = [], 0
+    for L in lengths:
+        c = chunk_len(L, n)
+        parts.append(g[:, off:off + c].reshape(n * c, *xm.shape[1:])[:L])
+        off = off + c
+    full = parts[0] if len(parts) == 1 else torch.cat(parts, 0)
+    return full.movedim(0, dim)
+
+
+def _a2a(t: torch.Tensor, group: str) -> torch.Tensor:
+    """all_to_all over dim 0 (one equal slice per rank), waited."""
+    out = funcol.all_to_all_single(t.contiguous(), None, None, group)
+    return funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
+
+
+def sdpa_lse(q, k, v, scale=None):
+    """Attention output and its log-sum-exp per query (float32), from a fused kernel where one exists."""
+    if q.device.type == "cuda":
+        if q.dtype in (torch.float16, torch.bfloat16):
+            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+        else:
+            out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
+                                                                             scale=scale)[:2]
+            lse = lse[..., : q.shape[-2]]
+        return out, lse
+    if q.device.type == "cpu":
+        out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
+        return out, lse
+    s = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    lse = s.logsumexp(-1)
+    return (torch.softmax(s, -1) @ v.float()).to(q.dtype), lse
+
+
+def merge_lse(out, lse, out_j, lse_j):
+    """Combine two partial attentions over disjoint key sets (exact)."""
+    if out is None:
+        return out_j.float(), lse_j
+    new = torch.logaddexp(lse, lse_j)
+    out = out * torch.exp(lse - new).unsqueeze(-1) + out_j.float() * torch.exp(lse_j - new).unsqueeze(-1)
+    return out, new
+
+
+def _compact(t: torch.Tensor, lengths: list, n: int, src_ranks: list, dim: int = 2) -> torch.Tensor:
+    """Keep the real tokens of a K/V laid out as [chunks of src_ranks[0] | src_ranks[1] | ...]."""
+    cs = [chunk_len(L, n) for L in lengths]
+    width = sum(cs)
+    pieces, padded = [], False
+    for i, src in enumerate(src_ranks):
+        off = i * width
+        for L, c in zip(lengths, cs):
+            keep = _valid(L, n, src)
+            padded = padded or keep != c
+            if keep > 0:
+                pieces.append(t.narrow(dim, off, keep))
+            off = off + c
+    if not padded:
+        return t
+    return torch.cat(pieces, dim) if pieces else t.narrow(dim, 0, 0)
+
+
+def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses_rank: int, ring_rank: int,
+                  ulysses_group: str, ring_group: str):
+    """Exact attention over a sequence sharded on dim 2 of ``q, k, v`` ([B, H, S, D]).
+
+    Ulysses (``u > 1``): all-to-all turns [B, H, S] into [B, H/u, u*S]; heads that don't divide
+    are padded with zero heads and dropped after. Ring (``r > 1``): K/V of the ``r`` ring ranks
+    are exchanged and the partial results merged by log-sum-exp. Both: USP on a 2-D mesh.
+    """
+    B, H, S, D = q.shape
+    if u > 1:
+        Hp = chunk_len(H, u) * u
+        if Hp != H:
+            pad = (0, 0, 0, 0, 0, Hp - H)
+            q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
+
+        def to_heads(t):  # [B, Hp, S, D] -> [B, Hp/u, u*S, D]
+            t = t.reshape(B, u, Hp // u, S, D).transpose(0, 1)
+            t = _a2a(t, ulysses_group)  # [u (source rank), B, h, S, D]
+            return t.permute(1, 2, 0, 3, 4).reshape(B, Hp // u, u * S, D)
+
+        q, k, v = to_heads(q), to_heads(k), to_heads(v)
+    uly_ranks = list(range(u)) if u > 1 else [ulysses_rank]
+    if r == 1:
+        srcs = [ring_rank * u + i for i in uly_ranks]
+        out = torch.nn.functional.scaled_dot_product_attention(
+            q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), scale=scale)
+    else:
+        kv = torch.stack([k, v]).contiguous()  # [2, B, h, u*S, D]
+        kv = funcol.all_gather_tensor(kv, 0, ring_group)
+        kv = funcol.wait_tensor(kv) if hasattr(funcol, "wait_tensor") else kv
+        kv = kv.view(r, 2, *k.shape)
+        acc, lse = None, None
+        for j in range(r):
+            srcs = [j * u + i for i in uly_ranks]
+            kj, vj = _compact(kv[j, 0], lengths, n, srcs), _compact(kv[j, 1], lengths, n, srcs)
+            if kj.shape[2] == 0:
+                continue
+            o, l = sdpa_lse(q, kj, vj, scale)
+            acc, lse = merge_lse(acc, lse, o, l)
+        out = acc.to(q.dtype)
+    if u > 1:
+        h = out.shape[1]
+        t = out.reshape(B, h, u, S, D).permute(2, 0, 1, 3, 4)  # [u (dest rank), B, h, S, D]
+        t = _a2a(t, ulysses_group)  # [u (source = head group), B, h, S, D]
+        out = t.transpose(0, 1).reshape(B, u * h, S, D)[:, :H]
+    return out

@@ -1,0 +1,642 @@
+"""Sequence parallel: shard the token sequence over ``ring x ulysses`` ranks, derived from the graph.
+
+Before (one rank, FLUX joint attention, sizes global)::
+
+    txt = linear(encoder_hidden_states)            # [B, T, C]
+    img = linear(hidden_states)                     # [B, I, C]
+    q = cat([q_txt, q_img], 1) ... permute          # [B, H, T+I, D]
+    o = scaled_dot_product_attention(q, k, v)
+    out = proj_out(img)                             # [B, I, C]
+
+After (rank p of n; every tensor with a token dim holds chunk p of each segment)::
+
+    encoder_hidden_states = seq.shard(encoder_hidden_states, 1, [T], n, p)   # at the inputs
+    hidden_states = seq.shard(hidden_states, 1, [I], n, p)
+    ...                                              # token-wise ops run unchanged on [B, T/n, C]
+    o = seq.seq_attention(q, k, v, ..., [T, I], n, u, r, ...)  # Ulysses all-to-all / ring / USP
+    out = seq.gather(proj_out(img), 1, [I], n, "sp")           # the graph output, full again
+
+Rules, one walk in graph order. A node is *sharded* (S: token dim, segment list) or *replicated*
+(R). Token-wise ops (pointwise, linear, norms over features, layout ops that keep the token dim)
+keep S; an R operand with a token dim meeting an S one is sliced locally (RoPE tables, position
+embeddings). Concatenation and slicing along the token dim work segment by segment (joint
+text+image attention), so boundaries map to local boundaries. Self / joint attention gets
+``seq_attention``; cross attention with replicated K/V stays local. Anything else that touches a
+sharded token dim gets the safe path: gather, compute replicated, and a line in ``explain``.
+Integers in the graph stay global (a ``sym_size`` of a sharded tensor is rewritten to the global
+length); only shapes of S tensors are local, and shape arguments of ops on them are rewritten.
+
+When off (``ring * ulysses == 1``) the pass does nothing.
+"""
+from __future__ import annotations
+
+import operator
+from dataclasses import dataclass
+
+import sympy
+import torch
+import torch.fx
+
+from ditpass.analysis.attention import is_sdpa
+from ditpass.analysis.symbolic import dim_exprs, is_pointwise, node_val
+from ditpass.analysis.blocks import module_path
+from ditpass.pass_base import Collective, GraphPass, PassContext, PassResult
+from ditpass.runtime import seq
+
+aten = torch.ops.aten
+
+__all__ = ["SequenceParallel", "SeqConfig"]
+
+
+@dataclass(frozen=True)
+class SeqConfig:
+    """Static facts the inserted ops need: degrees, this rank's coordinates, group names."""
+
+    n: int
+    u: int
+    r: int
+    p: int  # index among the n sequence ranks (ring-major)
+    ulysses_rank: int
+    ring_rank: int
+    sp_group: str
+    ulysses_group: str
+    ring_group: str
+
+
+@dataclass(frozen=True)
+class Sharded:
+    dim: int
+    segs: tuple  # segment class representatives, in order
+
+
+_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as"}
+_LAYOUT = {"permute", "transpose", "t", "unsqueeze", "squeeze", "movedim", "expand", "expand_as", "contiguous",
+           "clone", "alias", "detach", "lift_fresh_copy", "repeat", "select", "slice", "narrow", "chunk", "split",
+           "unbind", "stack", "cat", "concat", "split_with_sizes", "index_select", "to"}
+_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "softmax", "_softmax", "log_softmax", "var", "std",
+           "cumsum", "any", "all", "argmax", "prod", "norm", "logsumexp"}
+_NORMS = {"layer_norm", "rms_norm", "native_layer_norm"}
+_SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range"}
+
+
+def _name(target) -> str:
+    n = getattr(target, "__name__", None) or str(target)
+    return n.split(".")[0]
+
+
+def _tensor_args(node):
+    out = []
+    for a in node.args:
+        if isinstance(a, torch.fx.Node):
+            out.append(a)
+        elif isinstance(a, (list, tuple)):
+            out.extend(x for x in a if isinstance(x, torch.fx.Node))
+    out.extend(v for v in node.kwargs.values() if isinstance(v, torch.fx.Node))
+    return [a for a in out if isinstance(node_val(a), torch.Tensor)]
+
+
+class _Rewriter:
+    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext, cfg: SeqConfig):
+        self.gm, self.g = gm, gm.graph
+        self.an, self.cls = ctx.analysis, ctx.analysis.classes
+        self.cfg = cfg
+        self.layout: dict[torch.fx.Node, Sharded | list | None] = {}
+        self.seg_len: dict = {}  # segment class rep -> node giving its global length
+        self.notes: list[str] = []
+        self.collectives: list[Collective] = []
+        self.strategies: dict[str, str] = {}
+        self.token_classes = set(ctx.analysis.token_classes)
+        self.gathered: dict[torch.fx.Node, torch.fx.Node] = {}
+
+    # ---- symbolic helpers -------------------------------------------------------------
+    def find(self, e):
+        return self.cls.find(e)
+
+    def dim_class(self, node, dim, val=None):
+        val = node_val(node) if val is None else val
+        return self.find(dim_exprs(val)[dim])
+
+    def segs_of(self, e) -> tuple:
+        return tuple(self.find(s) for s in self.cls.segments(e))
+
+    def is_token(self, e) -> bool:
+        return bool(e.free_symbols) and self.find(e) in self.token_classes
+
+    def eq(self, a, b) -> bool:
+        if self.cls.same(a, b):
+            return True
+        canon = {s: self.find(s) for e in (a, b) for s in e.free_symbols if self.find(s).is_Symbol}
+        return sympy.expand(a.subs(canon) - b.subs(canon)) == 0
+
+    def _val_expr(self, x):
+        if isinstance(x, torch.fx.Node):
+            v = node_val(x)
+            return sympy.sympify(v.node.expr) if isinstance(v, torch.SymInt) else (sympy.Integer(v) if isinstance(v, int) else None)
+        if isinstance(x, int):
+            return sympy.Integer(x)
+        return None
+
+    # ---- inserted nodes ---------------------------------------------------------------
+    def length_node(self, seg, before: torch.fx.Node):
+        if seg in self.seg_len:
+            return self.seg_len[seg]
+        raise _Fallback(f"no global length source for segment {seg}")
+
+    def lengths(self, segs, before):
+        return [self.length_node(s, before) for s in segs]
+
+    def _record_lengths(self, node: torch.fx.Node, val):
+        """Remember a node that gives each token segment's global length (first R appearance)."""
+        shape = dim_exprs(val)
+        if shape is None:
+            return
+        for d, e in enumerate(shape):
+            if not e.free_symbols:
+                continue
+            c = self.find(e)
+            if c in self.token_classes and c not in self.seg_len and len(self.segs_of(e)) == 1:
+                with self.g.inserting_after(node):
+                    ln = self.g.call_function(aten.sym_size.int, (node, d))
+                    ln.meta["val"] = val.shape[d]
+                self.seg_len[c] = ln
+
+    def shard_node(self, x: torch.fx.Node, dim: int, at: torch.fx.Node) -> torch.fx.Node:
+        val = node_val(x)
+        segs = self.segs_of(dim_exprs(val)[dim])
+        with self.g.inserting_before(at):
+            lens = self.lengths(segs, at)
+            s = self.g.call_function(seq.shard, (x, dim, lens, self.cfg.n, self.cfg.p))
+        s.meta["val"] = val
+        s.meta["ditpass_inserted"] = "shard"
+        self.layout[s] = Sharded(dim, segs)
+        return s
+
+    def gather_node(self, x: torch.fx.Node, at: torch.fx.Node, why: str) -> torch.fx.Node:
+        if x in self.gathered:
+            return self.gathered[x]
+        lay = self.layout[x]
+        with self.g.inserting_before(at):
+            lens = self.lengths(lay.segs, at)
+            gnode = self.g.call_function(seq.gather, (x, lay.dim, lens, self.cfg.n, self.cfg.sp_group))
+        gnode.meta["val"] = node_val(x)
+        gnode.meta["ditpass_inserted"] = "gather"
+        self.layout[gnode] = None
+        self.gathered[x] = gnode
+        self.collectives.append(Collective(gnode.name, "all_gather", "ring+ulysses", why, _nbytes(node_val(x), self.cfg.n)))
+        return gnode
+
+    # ---- the walk ---------------------------------------------------------------------
+    def run(self):
+        nodes = list(self.g.nodes)
+        for node in nodes:
+            if node.op == "placeholder":
+                self.layout[node] = None
+                self._record_lengths(node, node_val(node))
+                continue
+            if node.op == "output":
+                self._output(node)
+                continue
+            if node.op != "call_function":
+                self.layout[node] = None
+                continue
+            try:
+                self._visit(node)
+            except _Fallback as fb:
+                self._fallback(node, str(fb))
+            val = node_val(node)
+            if self.layout.get(node) is None and isinstance(val, torch.Tensor):
+                self._record_lengths(node, val)
+        # shard every input with a token dim where it enters (after the length nodes)
+        self.g.eliminate_dead_code()
+
+    def _output(self, node):
+        def fix(a):
+            if isinstance(a, torch.fx.Node) and isinstance(self.layout.get(a), Sharded):
+                return self.gather_node(a, node, "output")
+            return a
+
+        node.args = torch.fx.node.map_arg(node.args, fix)
+
+    def _fallback(self, node, why: str):
+        """Gather every sharded input, compute replicated."""
+        sharded = [a for a in _tensor_args(node) if isinstance(self.layout.get(a), Sharded)]
+        if not sharded:
+            self.layout[node] = None
+            return
+        for a in sharded:
+            gnode = self.gather_node(a, node, f"fallback:{node.name}")
+            node.replace_input_with(a, gnode)
+        self.layout[node] = None
+        self.notes.append(f"gather before `{node.name}` ({_name(node.target)}) in `{module_path(node) or '<root>'}`: {why}")
+
+    def _visit(self, node: torch.fx.Node):
+        name = _name(node.target)
+        args = _tensor_args(node)
+        lays = {a: self.layout.get(a) for a in args}
+        val = node_val(node)
+        if node.target is operator.getitem:
+            src = self.layout.get(node.args[0])
+            self.layout[node] = src[node.args[1]] if isinstance(src, list) else (src if isinstance(src, Sharded) else None)
+            return
+        if node.target is aten.sym_size.int:
+            lay = self.layout.get(node.args[0])
+            if isinstance(lay, Sharded) and node.args[1] % node_val(node.args[0]).dim() == lay.dim:
+                self._global_size(node, lay)
+            return
+        if name in _SKIP:
+            return
+        sharded = [a for a in args if isinstance(lays[a], Sharded)]
+        out_tok = self._out_token_dims(val)
+        if is_sdpa(node):
+            return self._attention(node, lays)
+        if not sharded:
+            # all replicated: shard the result right away when every input token dim can be sliced
+            # and the op is token-wise; otherwise stay replicated (cheap ops, creation ops)
+            if out_tok and self._tokenwise(node, name, None):
+                ins = [a for a in args if self._in_token_dim(a) is not None]
+                if ins and all(self._tokenwise(node, name, a) for a in ins):
+                    for a in ins:
+                        node.replace_input_with(a, self.shard_node(a, self._in_token_dim(a), node))
+                    return self._visit(node)
+            self.layout[node] = None
+            return
+        # at least one sharded input
+        if name in ("cat", "concat") and self._cat_on_token(node, lays):
+            return
+        if name in ("slice", "narrow", "split_with_sizes", "split", "chunk") and self._split_on_token(node, lays):
+            return
+        for a in sharded:
+            if not self._tokenwise(node, name, a):
+                raise _Fallback(f"{name} mixes or reshapes the token dim")
+        # bring replicated operands with the token dim into the same layout
+        ref = self.layout[sharded[0]]
+        ref_cls = self.dim_class(sharded[0], ref.dim)
+        for a in args:
+            if lays[a] is None:
+                d = self._class_dim(node_val(a), ref_cls)
+                if d is not None:
+                    node.replace_input_with(a, self.shard_node(a, d, node))
+        for a in sharded[1:]:
+            if self.layout[a].segs != ref.segs:
+                raise _Fallback("operands sharded with different segment layouts")
+        out_layout = self._out_layout(val, ref_cls, ref.segs)
+        if out_layout is None:
+            raise _Fallback("result has no single token dim")
+        self._fix_shape_args(node, name, sharded[0], ref, out_layout)
+        self.layout[node] = out_layout
+
+    # ---- rules ------------------------------------------------------------------------
+    def _out_token_dims(self, val):
+        shape = dim_exprs(val) if isinstance(val, torch.Tensor) else None
+        return [d for d, e in enumerate(shape or ()) if self.is_token(e)]
+
+    def _in_token_dim(self, a):
+        val = node_val(a)
+        dims = self._out_token_dims(val)
+        if len(dims) != 1:
+            return None
+        return dims[0]
+
+    def _class_dim(self, val, c):
+        shape = dim_exprs(val) if isinstance(val, torch.Tensor) else None
+        if shape is None:
+            return None
+        ds = [d for d, e in enumerate(shape) if e.free_symbols and self.find(e) == c]
+        return ds[0] if len(ds) == 1 else None
+
+    def _out_layout(self, val, c, segs):
+        if isinstance(val, (list, tuple)):
+            outs = [self._out_layout(v, c, segs) for v in val]
+            return outs if all(o is not None for o in outs) else None
+        d = self._class_dim(val, c)
+        return Sharded(d, segs) if d is not None else None
+
+    def _tokenwise(self, node, name, a) -> bool:
+        """Whether ``node`` treats tokens of operand ``a`` independently (a=None: of the op in general)."""
+        target = node.target
+        if is_pointwise(target) or name in ("linear", "embedding", "dropout", "_to_copy", "to", "type_as", "contiguous",
+                                             "clone", "alias", "detach", "lift_fresh_copy", "gelu", "silu", "relu"):
+            if name == "embedding" and a is not None and a is node.args[0]:
+                return False
+            if name == "linear" and a is not None and a is not node.args[0]:
+                return False
+            if name == "linear" and a is not None:
+                d = self._in_dim(a)
+                return d is not None and d != node_val(a).dim() - 1
+            return True
+        if a is None:
+            return name in _VIEWS | _LAYOUT | _NORMS | _REDUCE | {"matmul", "bmm", "mm", "outer", "repeat_interleave"}
+        d = self._in_dim(a)
+        if d is None:
+            return False
+        val_a = node_val(a)
+        nd = val_a.dim()
+        if name in _NORMS:
+            return d < nd - len(node.args[1])
+        if name in _REDUCE:
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if dims is None:
+                return False
+            dims = [dims] if isinstance(dims, int) else list(dims)
+            return all(x % nd != d for x in dims)
+        if name == "outer":
+            return a is node.args[0] and not self._out_token_dims(node_val(node.args[1]))
+        if name == "repeat_interleave":
+            op_dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
+            return op_dim is not None and op_dim % nd != d
+        if name in ("matmul", "bmm", "mm"):
+            return a is node.args[0] and d < nd - 1 and not self._out_token_dims(node_val(node.args[1]))
+        if name in _VIEWS:
+            return self._view_keeps(node, a, d)
+        if name in ("select", "slice", "narrow", "chunk", "split", "split_with_sizes", "unbind", "index_select",
+                    "repeat", "expand", "cat", "concat", "stack", "squeeze", "movedim", "transpose", "permute",
+                    "unsqueeze", "t", "expand_as"):
+            op_dim = _op_dim(node, name)
+            if name in ("select", "slice", "narrow", "chunk", "split", "split_with_sizes", "unbind", "index_select"):
+                return op_dim is not None and op_dim % nd != d
+            if name == "repeat":
+                reps = node.args[1]
+                return reps[d + len(reps) - nd] == 1
+            if name in ("cat", "concat"):
+                return op_dim % nd != d
+            if name == "stack":
+                return True
+            return True
+        return False
+
+    def _in_dim(self, a):
+        lay = self.layout.get(a)
+        if isinstance(lay, Sharded):
+            return lay.dim
+        return self._in_token_dim(a)
+
+    def _view_keeps(self, node, a, d) -> bool:
+        vin, vout = node_val(a), node_val(node)
+        ins, outs = dim_exprs(vin), dim_exprs(vout)
+        c = self.find(ins[d])
+        j = self._class_dim(vout, c)
+        if j is None:
+            return False
+        return self.eq(sympy.Mul(*ins[:d]), sympy.Mul(*outs[:j]))
+
+    def _fix_shape_args(self, node, name, src, src_lay, out_lay):
+        """Shape arguments that name the global token count get the local one."""
+        if name in ("view", "reshape", "_unsafe_view", "expand"):
+            sizes = list(node.args[1])
+            j = out_lay.dim
+            if name == "expand":
+                sizes[j] = -1
+            else:
+                with self.g.inserting_before(node):
+                    loc = self.g.call_function(aten.sym_size.int, (src, src_lay.dim))
+                loc.meta["val"] = node_val(src).shape[src_lay.dim]
+                sizes[j] = loc
+            node.args = (node.args[0], sizes, *node.args[2:])
+        elif name == "unflatten":
+            dim = node.args[1] % node_val(src).dim()
+            if dim == src_lay.dim:
+                raise _Fallback("unflatten of the token dim")
+
+    def _global_size(self, node, lay: Sharded):
+        """``x.shape[token_dim]`` of a sharded x is the global length: sum of segment lengths."""
+        lens = self.lengths(lay.segs, node)
+        with self.g.inserting_before(node):
+            total = lens[0]
+            for ln in lens[1:]:
+                total = self.g.call_function(operator.add, (total, ln))
+        node.replace_all_uses_with(total)
+        self.layout[node] = None
+
+    def _local_lengths(self, segs, at):
+        lens = self.lengths(segs, at)
+        with self.g.inserting_before(at):
+            return [self.g.call_function(seq.chunk_len, (ln, self.cfg.n)) for ln in lens]
+
+    def _cat_on_token(self, node, lays) -> bool:
+        tensors = node.args[0]
+        val = node_val(node)
+        d = _op_dim(node, "cat") % val.dim()
+        if not self.is_token(dim_exprs(val)[d]):
+            return False
+        segs = []
+        new = []
+        for t in tensors:
+            lay = self.layout.get(t)
+            if not isinstance(lay, Sharded):
+                e = dim_exprs(node_val(t))[d]
+                if not self.is_token(e):
+                    raise _Fallback("concatenates a non-token piece onto the sequence")
+                t = self.shard_node(t, d, node)
+                lay = self.layout[t]
+            if lay.dim != d:
+                raise _Fallback("pieces sharded on different dims")
+            segs.extend(lay.segs)
+            new.append(t)
+        node.args = (new, *node.args[1:])
+        self.layout[node] = Sharded(d, tuple(segs))
+        return True
+
+    def _split_on_token(self, node, lays) -> bool:
+        src = node.args[0]
+        lay = self.layout.get(src)
+        if not isinstance(lay, Sharded):
+            return False
+        name = _name(node.target)
+        nd = node_val(src).dim()
+        dim = _op_dim(node, name)
+        if dim is None or dim % nd != lay.dim:
+            return False
+        seg_exprs = [self.cls.segments(s)[0] if len(self.cls.segments(s)) == 1 else s for s in lay.segs]
+        cum = [sympy.Integer(0)]
+        for e in seg_exprs:
+            cum.append(cum[-1] + e)
+        total = cum[-1]
+
+        def boundary(x, default):
+            if x is None:
+                return default
+            e = self._val_expr(x)
+            if e is None:
+                raise _Fallback("slice bound is not a size")
+            if isinstance(x, int) and x >= 2**62:
+                return len(cum) - 1
+            if e.is_Integer and e < 0:
+                e = total + e
+            for k, c in enumerate(cum):
+                if self.eq(e, c):
+                    return k
+            raise _Fallback(f"slice bound {e} is not a segment boundary")
+
+        if name in ("slice", "narrow"):
+            if name == "slice":
+                start = node.args[2] if len(node.args) > 2 else None
+                end = node.args[3] if len(node.args) > 3 else None
+                step = node.args[4] if len(node.args) > 4 else 1
+                if step != 1:
+                    raise _Fallback("strided slice of the token dim")
+                k0, k1 = boundary(start, 0), boundary(end, len(cum) - 1)
+            else:
+                start, length = node.args[2], node.args[3]
+                k0 = boundary(start, 0)
+                k1 = next((k for k in range(k0, len(cum)) if self.eq(cum[k] - cum[k0], self._val_expr(length))), None)
+                if k1 is None:
+                    raise _Fallback("narrow length is not a segment sum")
+            loc = self._local_lengths(lay.segs, node)
+            with self.g.inserting_before(node):
+                s0 = _sum(self.g, loc[:k0])
+                s1 = _sum(self.g, loc[:k1])
+            node.target = aten.slice.Tensor
+            node.args = (src, lay.dim, s0, s1, 1)
+            node.kwargs = {}
+            self.layout[node] = Sharded(lay.dim, lay.segs[k0:k1])
+            return True
+        if name == "split_with_sizes":
+            sizes = node.args[1]
+            ks, k = [0], 0
+            acc = sympy.Integer(0)
+            for sz in sizes:
+                acc = acc + self._val_expr(sz)
+                k = boundary_index(cum, acc, self.eq)
+                if k is None:
+                    raise _Fallback("split sizes are not segment sums")
+                ks.append(k)
+            loc = self._local_lengths(lay.segs, node)
+            with self.g.inserting_before(node):
+                new_sizes = [_sum(self.g, loc[a:b]) for a, b in zip(ks, ks[1:])]
+            node.args = (src, new_sizes, *node.args[2:])
+            self.layout[node] = [Sharded(lay.dim, lay.segs[a:b]) for a, b in zip(ks, ks[1:])]
+            return True
+        raise _Fallback(f"{name} along the token dim")
+
+    def _attention(self, node, lays):
+        q, k, v = node.args[:3]
+        lq, lk, lv = (lays.get(x) for x in (q, k, v))
+        site = node.meta.get("ditpass_attention")
+        kind = site.kind if site else "?"
+        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+        dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
+        causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+        scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
+        gqa = node.kwargs.get("enable_gqa", False)
+        if not any(isinstance(x, Sharded) for x in (lq, lk, lv)):
+            # replicated attention: shard the query side if it is a token sequence
+            d = self._in_token_dim(q)
+            if d == 2 and lk is None and not self._out_token_dims(node_val(k)) and mask is None:
+                node.replace_input_with(q, self.shard_node(q, d, node))
+                self.layout[node] = self.layout[node.args[0]]
+                self.strategies[node.name] = f"{kind}: local (query sharded, K/V replicated)"
+                return
+            self.layout[node] = None
+            return
+        if isinstance(lq, Sharded) and lq.dim == 2 and lk is None and lv is None and not self._out_token_dims(node_val(k)):
+            if mask is not None and isinstance(self.layout.get(mask), Sharded):
+                raise _Fallback("attention mask sharded differently")
+            if mask is not None and self._class_dim(node_val(mask), self.dim_class(q, 2)) is not None:
+                node.replace_input_with(mask, self.shard_node(mask, self._class_dim(node_val(mask), self.dim_class(q, 2)), node))
+            self.layout[node] = Sharded(2, lq.segs)
+            self.strategies[node.name] = f"{kind}: local (K/V replicated, no communication)"
+            return
+        # self / joint attention: q, k, v all carry the same sharded sequence on dim 2
+        for x in (q, k, v):
+            if not isinstance(self.layout.get(x), Sharded):
+                d = self._in_token_dim(x)
+                if d != 2:
+                    raise _Fallback("q/k/v not laid out as [B, H, S, D]")
+                node.replace_input_with(x, self.shard_node(x, 2, node))
+        q, k, v = node.args[:3]
+        lq, lk, lv = (self.layout[x] for x in (q, k, v))
+        if not (lq.dim == lk.dim == lv.dim == 2 and lq.segs == lk.segs == lv.segs):
+            raise _Fallback("q/k/v sharded on different dims or segments")
+        if mask is not None or causal or (dropout not in (0, 0.0)) or gqa:
+            raise _Fallback("masked, causal, dropout or GQA self-attention")
+        qv, kv = node_val(q), node_val(k)
+        if qv.shape[1] != kv.shape[1]:
+            raise _Fallback("different head counts for q and k")
+        cfg = self.cfg
+        with self.g.inserting_before(node):
+            lens = self.lengths(lq.segs, node)
+            new = self.g.call_function(seq.seq_attention, (q, k, v, scale, lens, cfg.n, cfg.u, cfg.r, cfg.ulysses_rank,
+                                                           cfg.ring_rank, cfg.ulysses_group, cfg.ring_group))
+        new.meta = dict(node.meta)
+        new.meta["ditpass_inserted"] = "seq_attention"
+        node.replace_all_uses_with(new)
+        self.g.erase_node(node)
+        self.layout[new] = Sharded(2, lq.segs)
+        strategy = "ulysses+ring" if cfg.u > 1 and cfg.r > 1 else ("ulysses" if cfg.u > 1 else "ring")
+        heads = qv.shape[1]
+        pad = "" if cfg.u == 1 or heads % cfg.u == 0 else f", heads {heads} padded to {seq.chunk_len(heads, cfg.u) * cfg.u}"
+        self.strategies[new.name] = f"{kind}: {strategy}{pad}"
+        qb = _nbytes(qv, 1)
+        if cfg.u > 1:
+            frac = (cfg.u - 1) / cfg.u
+            self.collectives.append(Collective(new.name, "all_to_all x4", "ulysses", new.name, int(4 * qb * frac)))
+        if cfg.r > 1:
+            self.collectives.append(Collective(new.name, "all_gather(k,v)", "ring", new.name, int(2 * qb / max(cfg.u, 1))))
+
+
+def boundary_index(cum, e, eq):
+    for k, c in enumerate(cum):
+        if eq(e, c):
+            return k
+    return None
+
+
+def _sum(g, nodes):
+    if not nodes:
+        return 0
+    total = nodes[0]
+    for x in nodes[1:]:
+        total = g.call_function(operator.add, (total, x))
+    return total
+
+
+def _op_dim(node, name):
+    defaults = {"cat": 0, "concat": 0, "stack": 0, "split": 0, "chunk": 0, "unbind": 0, "split_with_sizes": 0,
+                "slice": 0, "squeeze": None}
+    pos = {"cat": 1, "concat": 1, "stack": 1, "select": 1, "slice": 1, "narrow": 1, "index_select": 1,
+           "unbind": 1, "split_with_sizes": 2, "split": 2, "chunk": 2, "squeeze": 1, "unflatten": 1}
+    if name not in pos:
+        return None
+    i = pos[name]
+    if len(node.args) > i:
+        return node.args[i]
+    return node.kwargs.get("dim", defaults.get(name))
+
+
+def _nbytes(val, n: int) -> int:
+    """Bytes of ``val`` at the captured sizes (hints: never ``int()`` a SymInt, which would specialise it)."""
+    if not isinstance(val, torch.Tensor):
+        return 0
+    numel = 1
+    for s in val.shape:
+        numel *= s.node.hint if isinstance(s, torch.SymInt) else int(s)
+    return numel * val.element_size() * (n - 1) // max(n, 1) if n > 1 else numel * val.element_size()
+
+
+class _Fallback(Exception):
+    pass
+
+
+class SequenceParallel(GraphPass):
+    name = "sequence_parallel"
+
+    def __init__(self, cfg: SeqConfig | None = None):
+        self.cfg = cfg
+
+    def enabled(self, ctx: PassContext) -> bool:
+        return ctx.plan.ring * ctx.plan.ulysses > 1
+
+    def requires(self, gm, ctx):
+        if not ctx.analysis.token_classes:
+            raise ValueError("no token sequence found: the analysis saw no self or joint attention over "
+                             "symbolic lengths (capture with dynamic shapes)")
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        cfg = self.cfg or ctx.details["seq_config"]
+        rw = _Rewriter(gm, ctx, cfg)
+        rw.run()
+        res = PassResult(self.name, True, collectives=rw.collectives, notes=rw.notes)
+        res.details["strategies"] = rw.strategies
+        res.details["inputs"] = {n.name: (lay.dim, [str(s) for s in lay.segs]) for n, lay in rw.layout.items()
+                                 if n.op == "placeholder" and isinstance(lay, Sharded)}
+        return res
