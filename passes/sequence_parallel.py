@@ -76,6 +76,10 @@ _LAYOUT = {"permute", "transpose", "t", "unsqueeze", "squeeze", "movedim", "expa
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "softmax", "_softmax", "log_softmax", "var", "std",
            "cumsum", "any", "all", "argmax", "prod", "norm", "logsumexp"}
 _NORMS = {"layer_norm", "rms_norm", "native_layer_norm"}
+# elementwise ops (besides those tagged pointwise): broadcast operands, keep every token's place
+_POINTWISE = {"dropout", "_to_copy", "to", "type_as", "contiguous", "clone", "alias", "detach", "detach_",
+              "lift_fresh_copy", "gelu", "silu", "relu", "copy_", "copy", "fill_", "masked_fill_", "empty_like",
+              "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "where", "clamp", "clip"}
 _SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range"}
 
 
@@ -223,9 +227,15 @@ class _Rewriter:
         if not sharded:
             self.layout[node] = None
             return
+        order = {n: i for i, n in enumerate(self.g.nodes)}
         for a in sharded:
             gnode = self.gather_node(a, node, f"fallback:{node.name}")
             node.replace_input_with(a, gnode)
+            if _mutates(node) and node.args and node.args[0] is gnode:
+                # an in-place op now writes the gathered copy: later readers must read that copy
+                for user in list(a.users):
+                    if user is not node and order.get(user, -1) > order[node]:
+                        user.replace_input_with(a, gnode)
         self.layout[node] = None
         self.notes.append(f"gather before `{node.name}` ({_name(node.target)}) in `{module_path(node) or '<root>'}`: {why}")
 
@@ -271,9 +281,16 @@ class _Rewriter:
         # bring replicated operands with the token dim into the same layout
         ref = self.layout[sharded[0]]
         ref_cls = self.dim_class(sharded[0], ref.dim)
+        pointwise = self._is_pointwise(node, name)
+        from_right = node_val(sharded[0]).dim() - ref.dim
         for a in args:
             if lays[a] is None:
-                d = self._class_dim(node_val(a), ref_cls)
+                va = node_val(a)
+                if pointwise:  # broadcasting aligns dims from the right: that is the proof of equality
+                    d = va.dim() - from_right
+                    d = d if d >= 0 and not (isinstance(va.shape[d], int) and va.shape[d] == 1) else None
+                else:
+                    d = self._class_dim(va, ref_cls)
                 if d is not None:
                     node.replace_input_with(a, self.shard_node(a, d, node))
         for a in sharded[1:]:
@@ -311,11 +328,12 @@ class _Rewriter:
         d = self._class_dim(val, c)
         return Sharded(d, segs) if d is not None else None
 
+    def _is_pointwise(self, node, name) -> bool:
+        return is_pointwise(node.target) or name in _POINTWISE
+
     def _tokenwise(self, node, name, a) -> bool:
         """Whether ``node`` treats tokens of operand ``a`` independently (a=None: of the op in general)."""
-        target = node.target
-        if is_pointwise(target) or name in ("linear", "embedding", "dropout", "_to_copy", "to", "type_as", "contiguous",
-                                             "clone", "alias", "detach", "lift_fresh_copy", "gelu", "silu", "relu"):
+        if self._is_pointwise(node, name) or name in ("linear", "embedding"):
             if name == "embedding" and a is not None and a is node.args[0]:
                 return False
             if name == "linear" and a is not None and a is not node.args[0]:
@@ -460,8 +478,8 @@ class _Rewriter:
                 raise _Fallback("slice bound is not a size")
             if isinstance(x, int) and x >= 2**62:
                 return len(cum) - 1
-            if e.is_Integer and e < 0:
-                e = total + e
+            if (e.is_Integer and e < 0) or (not e.is_Integer and e.could_extract_minus_sign()):
+                e = total + e  # x[:, :-T]
             for k, c in enumerate(cum):
                 if self.eq(e, c):
                     return k
@@ -574,6 +592,11 @@ class _Rewriter:
             self.collectives.append(Collective(new.name, "all_gather(k,v)", "ring", new.name, int(2 * qb / max(cfg.u, 1))))
 
 
+def _mutates(node) -> bool:
+    schema = getattr(node.target, "_schema", None)
+    return bool(schema and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments))
+
+
 def boundary_index(cum, e, eq):
     for k, c in enumerate(cum):
         if eq(e, c):
@@ -609,7 +632,7 @@ def _nbytes(val, n: int) -> int:
         return 0
     numel = 1
     for s in val.shape:
-        numel *= s.node.hint if isinstance(s, torch.SymInt) else int(s)
+        numel *= (s.node.hint or 1) if isinstance(s, torch.SymInt) else int(s)
     return numel * val.element_size() * (n - 1) // max(n, 1) if n > 1 else numel * val.element_size()
 
 
