@@ -56,10 +56,13 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _context():
+def _context(start_method: str = "forkserver"):
     """Fork ranks from a server that imported torch once: starting a rank then costs
     milliseconds instead of a torch import (seconds), and no parent state leaks in as it
-    would with a plain fork."""
+    would with a plain fork. ``"fork"`` is for tests that *want* the parent's state (a model
+    captured once in the parent instead of once per rank)."""
+    if start_method == "fork":
+        return mp.get_context("fork")
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(PRELOAD)  # takes effect when the server starts, once per session
     return ctx
@@ -113,7 +116,7 @@ def _describe(e: BaseException) -> tuple:
     return failed_at, exc, tb
 
 
-def run_distributed(fn, world_size: int, *args, timeout: float = 120):
+def run_distributed(fn, world_size: int, *args, timeout: float = 120, start_method: str = "forkserver"):
     """Call ``fn(rank, world_size, *args)`` in ``world_size`` new processes, each in a gloo
     process group (initialised before ``fn`` runs, destroyed after), and return the list of
     their return values by rank.
@@ -122,7 +125,7 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120):
     pickled, so tensors come back as copies.
     """
     __tracebackhide__ = True  # pytest: show the child's traceback, not this loop
-    ctx = _context()
+    ctx = _context(start_method)
     results = ctx.Queue()
     tmpdir = tempfile.mkdtemp(prefix="ditpass_dist_")
     init_file = os.path.join(tmpdir, "init")
