@@ -72,7 +72,8 @@ class Sharded:
 _VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as"}
 _LAYOUT = {"permute", "transpose", "t", "unsqueeze", "squeeze", "movedim", "expand", "expand_as", "contiguous",
            "clone", "alias", "detach", "lift_fresh_copy", "repeat", "select", "slice", "narrow", "chunk", "split",
-           "unbind", "stack", "cat", "concat", "split_with_sizes", "index_select", "to"}
+           "unbind", "stack", "cat", "concat", "split_with_sizes", "index_select", "to", "view_as_complex",
+           "view_as_real"}
 _REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "softmax", "_softmax", "log_softmax", "var", "std",
            "cumsum", "any", "all", "argmax", "prod", "norm", "logsumexp"}
 _NORMS = {"layer_norm", "rms_norm", "native_layer_norm"}
@@ -144,6 +145,8 @@ class _Rewriter:
     def length_node(self, seg, before: torch.fx.Node):
         if seg in self.seg_len:
             return self.seg_len[seg]
+        if seg.is_Integer:  # a constant-length segment (text whose length export fixed)
+            return int(seg)
         raise _Fallback(f"no global length source for segment {seg}")
 
     def lengths(self, segs, before):
@@ -318,7 +321,12 @@ class _Rewriter:
         shape = dim_exprs(val) if isinstance(val, torch.Tensor) else None
         if shape is None:
             return None
-        ds = [d for d, e in enumerate(shape) if e.free_symbols and self.find(e) == c]
+        if c.is_Integer:
+            # a constant segment, known to be one from the dataflow (it was concatenated onto a
+            # symbolic sequence); follow it only where its size is unambiguous, else fall back
+            ds = [d for d, e in enumerate(shape) if e == c]
+        else:
+            ds = [d for d, e in enumerate(shape) if e.free_symbols and self.find(e) == c]
         return ds[0] if len(ds) == 1 else None
 
     def _out_layout(self, val, c, segs):
@@ -366,6 +374,8 @@ class _Rewriter:
             return a is node.args[0] and d < nd - 1 and not self._out_token_dims(node_val(node.args[1]))
         if name in _VIEWS:
             return self._view_keeps(node, a, d)
+        if name in ("view_as_complex", "view_as_real"):  # reinterpret the last dim only
+            return d < nd - 1
         if name in ("select", "slice", "narrow", "chunk", "split", "split_with_sizes", "unbind", "index_select",
                     "repeat", "expand", "cat", "concat", "stack", "squeeze", "movedim", "transpose", "permute",
                     "unsqueeze", "t", "expand_as"):
@@ -442,7 +452,7 @@ class _Rewriter:
             lay = self.layout.get(t)
             if not isinstance(lay, Sharded):
                 e = dim_exprs(node_val(t))[d]
-                if not self.is_token(e):
+                if not (self.is_token(e) or e.is_Integer):
                     raise _Fallback("concatenates a non-token piece onto the sequence")
                 t = self.shard_node(t, d, node)
                 lay = self.layout[t]
@@ -565,8 +575,14 @@ class _Rewriter:
         lq, lk, lv = (self.layout[x] for x in (q, k, v))
         if not (lq.dim == lk.dim == lv.dim == 2 and lq.segs == lk.segs == lv.segs):
             raise _Fallback("q/k/v sharded on different dims or segments")
-        if mask is not None or causal or (dropout not in (0, 0.0)) or gqa:
-            raise _Fallback("masked, causal, dropout or GQA self-attention")
+        if causal or (dropout not in (0, 0.0)) or gqa:
+            raise _Fallback("causal, dropout or GQA self-attention")
+        if mask is not None:
+            mv = node_val(mask)
+            if mv.dim() < 2 or (mv.dim() == 4 and mv.shape[1] != 1):
+                raise _Fallback("attention mask per head")
+            if isinstance(self.layout.get(mask), Sharded):
+                mask = self.gather_node(mask, node, f"mask:{node.name}")
         qv, kv = node_val(q), node_val(k)
         if qv.shape[1] != kv.shape[1]:
             raise _Fallback("different head counts for q and k")
@@ -574,7 +590,7 @@ class _Rewriter:
         with self.g.inserting_before(node):
             lens = self.lengths(lq.segs, node)
             new = self.g.call_function(seq.seq_attention, (q, k, v, scale, lens, cfg.n, cfg.u, cfg.r, cfg.ulysses_rank,
-                                                           cfg.ring_rank, cfg.ulysses_group, cfg.ring_group))
+                                                           cfg.ring_rank, cfg.ulysses_group, cfg.ring_group, mask))
         new.meta = dict(node.meta)
         new.meta["ditpass_inserted"] = "seq_attention"
         node.replace_all_uses_with(new)

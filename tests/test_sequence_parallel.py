@@ -23,6 +23,9 @@ PLANS = [dict(dp=2, ulysses=2), dict(dp=2, ring=2), dict(ring=2, ulysses=2)]
 # odd token grids: 48x80 px -> 3x5 tokens per frame (LTX: 96x160 px, VAE factor 32)
 UNEVEN = dict(height=48, width=80, text_len=7, frames=9)
 UNEVEN_OVERRIDES = {
+    "HunyuanDiT2DModel": dict(height=48, width=80),  # text length is fixed by its config
+    "LatteTransformer3DModel": dict(height=48, width=80, text_len=7, frames=4),  # frames = config video_length
+    "DiTTransformer2DModel": dict(height=48, width=48),  # square only (its unpatchify assumes it): 3x3 tokens
     "LTXVideoTransformer3DModel": dict(height=96, width=160, text_len=7, frames=17),
     "WanTransformer3DModel": dict(height=48, width=80, text_len=7, frames=5),
     "MochiTransformer3DModel": dict(height=48, width=80, text_len=7, frames=13),

@@ -73,8 +73,56 @@ def _a2a(t: torch.Tensor, group: str) -> torch.Tensor:
     return funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
 
 
-def sdpa_lse(q, k, v, scale=None):
-    """Attention output and its log-sum-exp per query (float32), from a fused kernel where one exists."""
+def _positions(lengths: list, n: int, ranks: list, compact: bool, device) -> torch.Tensor:
+    """Global sequence positions of the layout [chunks of ranks[0] | ranks[1] | ...].
+
+    ``compact``: only real tokens (the keys that attention keeps); else pad slots map to their
+    segment's last token (the queries, which are edge-padded copies)."""
+    pieces, seg_off = [], 0
+    offs = []
+    for L in lengths:
+        offs.append(seg_off)
+        seg_off = seg_off + L
+    for p in ranks:
+        for L, off in zip(lengths, offs):
+            c = chunk_len(L, n)
+            if compact:
+                keep = _valid(L, n, p)
+                if keep > 0:
+                    pieces.append(torch.arange(keep, device=device) + (p * c + off))
+            else:
+                pieces.append((torch.arange(c, device=device) + p * c).clamp(max=L - 1) + off)
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _mask_for(mask, rows, cols):
+    """The rows (queries) and columns (keys) of a global-order mask that a local attention uses."""
+    if mask is None:
+        return None
+    if mask.shape[-2] != 1:
+        mask = mask.index_select(-2, rows)
+    if mask.shape[-1] != 1:
+        mask = mask.index_select(-1, cols)
+    return mask
+
+
+def _additive(mask, dtype):
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def sdpa_lse(q, k, v, scale=None, mask=None):
+    """Attention output and its log-sum-exp per query (float32), from a fused kernel where one exists.
+
+    A query whose keys are all masked gets output 0 and lse -inf, so merging ignores it."""
+    if mask is not None:
+        mask = _additive(mask, q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
+        s = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+        s = s + mask.float()
+        lse = s.logsumexp(-1)
+        p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+        return (p @ v.float()).to(q.dtype), lse
     if q.device.type == "cuda":
         if q.dtype in (torch.float16, torch.bfloat16):
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
@@ -119,7 +167,7 @@ def _compact(t: torch.Tensor, lengths: list, n: int, src_ranks: list, dim: int =
 
 
 def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses_rank: int, ring_rank: int,
-                  ulysses_group: str, ring_group: str):
+                  ulysses_group: str, ring_group: str, mask=None):
     """Exact attention over a sequence sharded on dim 2 of ``q, k, v`` ([B, H, S, D]).
 
     Ulysses (``u > 1``): all-to-all turns [B, H, S] into [B, H/u, u*S]; heads that don't divide
@@ -140,10 +188,13 @@ def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses
 
         q, k, v = to_heads(q), to_heads(k), to_heads(v)
     uly_ranks = list(range(u)) if u > 1 else [ulysses_rank]
+    # a mask is in global order; pick the rows of our queries and the columns of each key chunk
+    rows = None if mask is None else _positions(lengths, n, [ring_rank * u + i for i in uly_ranks], False, q.device)
     if r == 1:
         srcs = [ring_rank * u + i for i in uly_ranks]
+        m = None if mask is None else _mask_for(mask, rows, _positions(lengths, n, srcs, True, q.device))
         out = torch.nn.functional.scaled_dot_product_attention(
-            q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), scale=scale)
+            q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), attn_mask=m, scale=scale)
     else:
         kv = torch.stack([k, v]).contiguous()  # [2, B, h, u*S, D]
         kv = funcol.all_gather_tensor(kv, 0, ring_group)
@@ -155,7 +206,8 @@ def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses
             kj, vj = _compact(kv[j, 0], lengths, n, srcs), _compact(kv[j, 1], lengths, n, srcs)
             if kj.shape[2] == 0:
                 continue
-            o, l = sdpa_lse(q, kj, vj, scale)
+            m = None if mask is None else _mask_for(mask, rows, _positions(lengths, n, srcs, True, q.device))
+            o, l = sdpa_lse(q, kj, vj, scale, m)
             acc, lse = merge_lse(acc, lse, o, l)
         out = acc.to(q.dtype)
     if u > 1:
