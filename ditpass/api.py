@@ -31,6 +31,7 @@ class Record:
     analysis: Any
     results: list[PassResult] = field(default_factory=list)
     graph_module: torch.fx.GraphModule | None = None
+    runner: Any = None  # what forward calls: the graph module, or its compiled form
 
 
 def _group_name(mesh, axis) -> str:
@@ -97,15 +98,15 @@ class ParallelModule(torch.nn.Module):
         ctx = PassContext(analysis, self.plan, self.dims, self.rank, self.mesh)
         ctx.details = {"seq_config": self.seq_config()}
         results = run_passes(gm, ctx, transformer_passes(self.plan)) if captured.whole else []
-        rec = Record(sig, captured, analysis, results, gm)
+        from .backend import compile_graph
+
+        runner = compile_graph(gm, self.plan.compile) if captured.whole else captured
+        rec = Record(sig, captured, analysis, results, gm, runner)
         self._records[sig] = rec
         return rec
 
     def forward(self, *args, **kwargs):
-        rec = self.build(*args, **kwargs)
-        if rec.captured.whole:
-            return rec.graph_module(*args, **kwargs)
-        return rec.captured(*args, **kwargs)
+        return self.build(*args, **kwargs).runner(*args, **kwargs)
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:

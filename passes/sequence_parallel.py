@@ -600,12 +600,12 @@ class _Rewriter:
         heads = qv.shape[1]
         pad = "" if cfg.u == 1 or heads % cfg.u == 0 else f", heads {heads} padded to {seq.chunk_len(heads, cfg.u) * cfg.u}"
         self.strategies[new.name] = f"{kind}: {strategy}{pad}"
-        qb = _nbytes(qv, 1)
-        if cfg.u > 1:
-            frac = (cfg.u - 1) / cfg.u
-            self.collectives.append(Collective(new.name, "all_to_all x4", "ulysses", new.name, int(4 * qb * frac)))
-        if cfg.r > 1:
-            self.collectives.append(Collective(new.name, "all_gather(k,v)", "ring", new.name, int(2 * qb / max(cfg.u, 1))))
+        local = _nbytes(qv, 1) // cfg.n  # one of q/k/v/out on this rank (meta vals are global)
+        if cfg.u > 1:  # q, k, v in one all-to-all and the output in another; (u-1)/u of it leaves
+            self.collectives.append(Collective(new.name, "all_to_all x2", "ulysses", new.name,
+                                               int(4 * local * (cfg.u - 1) / cfg.u)))
+        if cfg.r > 1:  # k and v go to the r-1 other ring ranks
+            self.collectives.append(Collective(new.name, "all_gather(k,v)", "ring", new.name, 2 * local * (cfg.r - 1)))
 
 
 def _mutates(node) -> bool:

@@ -128,6 +128,6 @@ def test_structure_of_rewritten_graph():
     n_blocks = zoo.config(name, "tiny")["num_layers"]
     assert kinds.count("self") == n_blocks and kinds.count("cross") == n_blocks
     assert all("local" in s for s in r["strategies"].values() if s.startswith("cross"))
-    # self-attention: 4 all-to-alls (q, k, v, out) recorded as one entry per site; output: one all-gather
-    assert r["collectives"].count("all_to_all x4") == n_blocks
+    # self-attention: 2 all-to-alls (q/k/v together, then out) recorded as one entry per site
+    assert r["collectives"].count("all_to_all x2") == n_blocks
     assert r["collectives"].count("all_gather") >= 1

@@ -125,6 +125,14 @@ def sdpa_lse(q, k, v, scale=None, mask=None):
         return (p @ v.float()).to(q.dtype), lse
     if q.device.type == "cuda":
         if q.dtype in (torch.float16, torch.bfloat16):
+            # cuDNN's kernel runs about twice as fast as FlashAttention-2 on Hopper (measured:
+            # benchmarks/results/sp_flux.md); flash where cuDNN refuses the shape or the GPU
+            try:
+                out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
+                    q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
+                return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2])
+            except RuntimeError:
+                pass
             out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
         else:
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
@@ -181,12 +189,12 @@ def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses
             pad = (0, 0, 0, 0, 0, Hp - H)
             q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
 
-        def to_heads(t):  # [B, Hp, S, D] -> [B, Hp/u, u*S, D]
-            t = t.reshape(B, u, Hp // u, S, D).transpose(0, 1)
-            t = _a2a(t, ulysses_group)  # [u (source rank), B, h, S, D]
-            return t.permute(1, 2, 0, 3, 4).reshape(B, Hp // u, u * S, D)
-
-        q, k, v = to_heads(q), to_heads(k), to_heads(v)
+        # one all-to-all for q, k and v: [u (dest), B, 3, h, S, D], built by one copy per tensor
+        h = Hp // u
+        qkv = torch.stack([t.reshape(B, u, h, S, D).transpose(0, 1) for t in (q, k, v)], dim=2)
+        qkv = _a2a(qkv, ulysses_group)  # [u (source rank), B, 3, h, S, D]
+        qkv = qkv.permute(1, 2, 3, 0, 4, 5).reshape(B, 3, h, u * S, D)
+        q, k, v = qkv.unbind(1)
     uly_ranks = list(range(u)) if u > 1 else [ulysses_rank]
     # a mask is in global order; pick the rows of our queries and the columns of each key chunk
     rows = None if mask is None else _positions(lengths, n, [ring_rank * u + i for i in uly_ranks], False, q.device)

@@ -1,0 +1,35 @@
+"""Backends: what runs the rewritten graph. One function, chosen by ``Plan.compile``.
+
+- ``eager``: the GraphModule itself.
+- ``inductor``: ``torch.compile(fullgraph=True)``: the inserted collectives are functional
+  collectives and plain torch, so a whole forward is one graph with no break; a break is an error.
+- ``onediff`` / ``nexfort``: used where installed; otherwise an error that says what to install.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["BackendError", "compile_graph"]
+
+
+class BackendError(RuntimeError):
+    """The backend named in the plan can't run here; the message says why and what to do."""
+
+
+def compile_graph(gm: torch.fx.GraphModule, backend: str):
+    """A callable that runs ``gm`` with ``backend`` (compiled lazily, on the first call)."""
+    if backend == "eager":
+        return gm
+    if backend == "inductor":
+        return torch.compile(gm, fullgraph=True, dynamic=False)
+    if backend in ("onediff", "nexfort"):
+        try:
+            import nexfort  # noqa: F401
+            from onediff.infer_compiler import compile as od_compile
+        except ImportError as exc:
+            raise BackendError(
+                f"Plan(compile={backend!r}) needs onediff and nexfort (pip install 'ditpass[onediff]'); "
+                f"they are not importable with torch {torch.__version__} here ({exc}). "
+                "Use compile='inductor' instead.") from exc
+        return od_compile(gm, backend="nexfort")
+    raise BackendError(f"unknown backend {backend!r}: use eager, inductor, onediff or nexfort")
