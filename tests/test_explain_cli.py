@@ -105,7 +105,7 @@ def test_explain_dry_run_and_svg(captured, tmp_path):
     d = e.to_dict()
     ps = {p["name"]: p for p in d["parts"][0]["passes"]}
     sp = ps["sequence_parallel"]
-    assert sp["modified"] and [c["op"] for c in sp["collectives"]].count("all_to_all x4") == 4
+    assert sp["modified"] and sum(c["op"].startswith("all_to_all") for c in sp["collectives"]) == 4
     assert "seq_attention" in sp["graph_code"] and "== graph after pass sequence_parallel" in text
     inputs = {i["name"]: i["sharded"] for i in d["parts"][0]["inputs"]}
     assert inputs["hidden_states"].startswith("dim 1") and inputs["encoder_hidden_states"].startswith("dim 1")
@@ -146,7 +146,7 @@ def test_cli_plan_svg_json(cli_runs):
     out, get = cli_runs
     text = get("plan")
     assert "DRY RUN as rank 0 of 2" in text and "== pass sequence_parallel" in text
-    assert "all_to_all x4" in text and "all_gather" in text
+    assert "all_to_all" in text and "all_gather" in text
     root = ET.parse(out / "g.svg").getroot()
     texts = [t.text or "" for t in root.iter(f"{SVG_NS}text")]
     assert sum("seq_attention" in t for t in texts) == 4  # one per joint attention, in its block's box
