@@ -222,5 +222,7 @@ def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses
         h = out.shape[1]
         t = out.reshape(B, h, u, S, D).permute(2, 0, 1, 3, 4)  # [u (dest rank), B, h, S, D]
         t = _a2a(t, ulysses_group)  # [u (source = head group), B, h, S, D]
-        out = t.transpose(0, 1).reshape(B, u * h, S, D)[:, :H]
+        # lay it out as [B, S, H, D] memory: the graph's next ops (permute to [B, S, H, D], flatten
+        # the heads) are then views, not another copy
+        out = t.permute(1, 3, 0, 2, 4).reshape(B, S, u * h, D)[:, :, :H].transpose(1, 2)
     return out
