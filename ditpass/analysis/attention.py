@@ -7,13 +7,22 @@ Kinds (``AttentionSite.kind``):
   (FLUX: text then image; SD3: image then text). ``segments`` lists them in order.
 - ``cross``: visual queries, keys/values from another sequence (text): no communication needed
   when the visual tokens are sharded.
+- ``temporal``: attention along an axis that is not the visual token sequence while the visual
+  tokens are folded into the batch (Latte's temporal blocks: ``[B*H*W, heads, frames, d]``).
+  Token-wise with respect to the visual sequence. ``folded`` holds the query's batch expression
+  whenever it carries visual symbols (also for Latte's spatial ``self`` with symbolic frames).
 - ``text``: self-attention over text alone (text refiners).
-- ``pooler``: a query of constant length (attention pooling of text, length 1).
+- ``pooler``: a query of one vector (attention pooling of text: HunyuanDiT, Mochi), or a constant
+  query that is the first segment of its own keys (``[mean(x), x]``).
 - ``matmul``: tokens mixed by a plain matmul / einsum (linear attention), not by SDPA.
-- ``other``: anything else; sharding passes gather around it.
+- ``other``: anything else, e.g. a sequence whose lengths export made all constant (nothing tells
+  image from text then); sharding passes gather around it.
 
 "Visual" means the length depends on a symbol that also sizes the model's output (the sample
 has the image's size, never the text's), so no argument names or model names are consulted.
+The output's leading (batch) dim does not count, unless its symbol also sizes another output dim.
+Segments whose length export specialised to a constant have role ``const``: a constant cannot
+be told apart from other constants symbolically (capture with symbolic sizes to avoid it).
 """
 from __future__ import annotations
 
@@ -29,7 +38,7 @@ from .symbolic import ExprClasses, dim_exprs, node_val
 __all__ = ["AttentionSite", "find_attention", "SDPA_TARGETS", "is_sdpa"]
 
 SDPA_TARGETS = {torch.ops.aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
-_MATMULS = {"matmul", "bmm", "einsum", "baddbmm"}
+_MATMULS = {"matmul", "bmm", "mm", "einsum", "baddbmm"}
 
 
 def is_sdpa(node: torch.fx.Node) -> bool:
@@ -62,6 +71,8 @@ class AttentionSite:
     kv_segments: list[Segment] = field(default_factory=list)
     has_mask: bool = False
     causal: bool = False
+    mask_shape: tuple | None = None
+    folded: sympy.Expr | None = None  # batch-dim expr of the query when it carries visual tokens (temporal)
 
     def describe(self) -> str:
         seg = " + ".join(str(s) for s in self.segments)
@@ -80,16 +91,13 @@ def _segments(e: sympy.Expr, classes: ExprClasses, visual_syms: set) -> list[Seg
     return [Segment(_role(p, classes, visual_syms), p) for p in classes.segments(e)]
 
 
-def output_symbols(graph: torch.fx.Graph) -> set:
-    """Free symbols of the graph's tensor outputs: the sample's size (image, frames)."""
+def _outputs(graph: torch.fx.Graph) -> list:
     out = next(n for n in reversed(graph.nodes) if n.op == "output")
-    syms: set = set()
+    vals: list = []
 
     def visit(a):
         if isinstance(a, torch.fx.Node):
-            s = dim_exprs(node_val(a))
-            for e in s or ():
-                syms.update(e.free_symbols)
+            vals.append(node_val(a))
         elif isinstance(a, (list, tuple)):
             for x in a:
                 visit(x)
@@ -98,52 +106,155 @@ def output_symbols(graph: torch.fx.Graph) -> set:
                 visit(x)
 
     visit(out.args)
+    return vals
+
+
+def output_symbols(graph: torch.fx.Graph) -> set:
+    """Free symbols of the graph's tensor outputs' sizes, the leading (batch) dim left out unless
+    its symbols also size another dim: the sample's size (image rows and columns, frames)."""
+    syms: set = set()
+    for v in _outputs(graph):
+        s = dim_exprs(v)
+        if not s:
+            continue
+        for e in (s[1:] if len(s) > 1 else s):
+            syms.update(e.free_symbols)
     return syms
 
 
-def _classify(q_len, kv_len, classes: ExprClasses, visual: set) -> tuple[str, list, list]:
-    qs, ks = _segments(q_len, classes, visual), _segments(kv_len, classes, visual)
-    qroles = {s.role for s in qs}
-    if not classes.same(q_len, kv_len):
-        if q_len.is_Integer and "visual" not in qroles:
-            return "pooler", qs, ks
-        return ("cross" if "visual" in qroles else "other"), qs, ks
-    if "visual" in qroles and len(qs) > 1 and qroles - {"visual"}:
-        return "joint", qs, ks
-    if qroles == {"visual"}:
-        return "self", qs, ks
-    if qroles <= {"text", "const"}:
-        return "text", qs, ks
-    return "other", qs, ks
+def batch_symbols(graph: torch.fx.Graph, classes: ExprClasses) -> set:
+    """Symbols of a batch that export kept symbolic (2 for CFG): the outputs' leading dim and the
+    length of 1-D inputs (per-sample timestep, guidance, labels), closed over classes of plain
+    symbols; never one that sizes a non-leading output dim (a 1-D input of token positions).
+    With ``Dim.AUTO`` every input has its own batch symbol, and reshapes mix them into other
+    sizes (Latte: frames ``(s33*s53)//s47``), so they must not count as visual."""
+    outs = [s for s in (dim_exprs(v) for v in _outputs(graph)) if s]
+    lead: set = set()
+    for s in outs:
+        if len(s) > 1 and s[0].is_Symbol:
+            lead.add(s[0])
+    for node in graph.nodes:
+        if node.op == "placeholder":
+            s = dim_exprs(node_val(node))
+            if s and len(s) == 1 and s[0].is_Symbol:
+                lead.add(s[0])
+    sized = {classes.find(e) for s in outs for e in (s[1:] if len(s) > 1 else s)}
+    lead = {x for x in lead if classes.find(x) not in sized}
+    changed = bool(lead)
+    while changed:
+        changed = False
+        for e in list(classes.parent):
+            single = {m for m in classes.members(e) if m.is_Symbol}
+            if single & lead and single - lead:
+                lead |= single
+                changed = True
+    return lead
 
 
-def find_attention(graph: torch.fx.Graph, classes: ExprClasses) -> list[AttentionSite]:
-    """Every SDPA call and every matmul that mixes tokens; writes ``meta["ditpass_attention"]``."""
-    visual = output_symbols(graph)
-    # a symbol proven equal to a visual length is visual too (img_ids' s29 ~ hidden_states' s87)
+def visual_symbols(graph: torch.fx.Graph, classes: ExprClasses) -> set:
+    """Output symbols, closed over classes: a symbol proven equal to a visual length is visual too
+    (FLUX: ``img_ids``' s29 ~ ``hidden_states``' s87). Batch symbols never are."""
+    batch = batch_symbols(graph, classes)
+    visual = output_symbols(graph) - batch
     changed = True
     while changed:
         changed = False
         for e in list(classes.parent):
             members = classes.members(e)
-            if any(m.free_symbols and m.free_symbols <= visual for m in members):
-                new = set().union(*(m.free_symbols for m in members)) - visual
+            if any(m.free_symbols - batch and m.free_symbols - batch <= visual for m in members):
+                new = set().union(*(m.free_symbols for m in members)) - visual - batch
                 if new:
                     visual |= new
                     changed = True
+    return visual
+
+
+def _classify(q_len, kv_len, classes: ExprClasses, visual: set, axial: bool) -> tuple[str, list, list]:
+    qs, ks = _segments(q_len, classes, visual), _segments(kv_len, classes, visual)
+    qroles = {s.role for s in qs}
+    if axial and classes.same(q_len, kv_len):
+        return "temporal", qs, ks
+    if not classes.same(q_len, kv_len):
+        if "visual" in qroles:
+            return "cross", qs, ks
+        # a pooler's query is one vector (or the first segment of its own keys: ``[mean(x), x]``)
+        if q_len.is_Integer and (q_len == 1 or classes.same(ks[0].length, q_len)):
+            return "pooler", qs, ks
+        return "other", qs, ks
+    if "visual" in qroles and len(qs) > 1 and qroles - {"visual"}:
+        return "joint", qs, ks
+    if qroles == {"visual"}:
+        return "self", qs, ks
+    if "text" in qroles and qroles <= {"text", "const"}:
+        return "text", qs, ks
+    return "other", qs, ks  # e.g. all lengths constant: nothing tells image from text
+
+
+def _main_sequences(graph: torch.fx.Graph, classes: ExprClasses, visual: set) -> set:
+    """Classes of the visual sequences that attention runs along: the query of cross attention and
+    of self/joint attention whose batch holds no visual symbols. Where every visual attention folds
+    visual symbols into its batch (axial attention only), the one with the most visual symbols in
+    its sequence (rows x columns before frames). A visual attention along any other class, with the
+    rest of the visual tokens in its batch, is ``temporal`` (Latte: frames)."""
+    main: set = set()
+    folded: list = []
+    for node in graph.nodes:
+        if not is_sdpa(node):
+            continue
+        qs, ks = (dim_exprs(node_val(a)) for a in node.args[:2])
+        if not qs or not ks:
+            continue
+        q_len, kv_len = qs[-2], ks[-2]
+        visual_q = any(_role(p, classes, visual) == "visual" for p in classes.segments(q_len))
+        if not visual_q:
+            continue
+        if not classes.same(q_len, kv_len) or _folded(qs, classes, visual) is None:
+            main.add(classes.find(q_len))
+        else:
+            folded.append(q_len)
+    if not main and folded:
+        def nvis(e):
+            return len((classes.symbols_of(e) | e.free_symbols) & visual)
+        main.add(classes.find(max(folded, key=nvis)))
+    return main
+
+
+def _folded(shape, classes: ExprClasses, visual: set) -> sympy.Expr | None:
+    """The query's batch dims (before heads, seq, head_dim) as one expr, if it carries visual symbols."""
+    if len(shape) < 3:
+        return None
+    lead = shape[:-3] if len(shape) >= 4 else shape[:-2]
+    if not lead:
+        return None
+    e = sympy.Mul(*lead)
+    syms = set(e.free_symbols)
+    for d in lead:
+        syms |= classes.symbols_of(d)
+    return e if syms & visual else None
+
+
+def find_attention(graph: torch.fx.Graph, classes: ExprClasses, visual: set | None = None) -> list[AttentionSite]:
+    """Every SDPA call and every matmul that mixes tokens; writes ``meta["ditpass_attention"]``."""
+    if visual is None:
+        visual = visual_symbols(graph, classes)
+    main = _main_sequences(graph, classes, visual)
     sites: list[AttentionSite] = []
     for node in graph.nodes:
         if is_sdpa(node):
             q, k, v = (node_val(a) for a in node.args[:3])
             qs, ks, vs = dim_exprs(q), dim_exprs(k), dim_exprs(v)
-            kind, qseg, kseg = _classify(qs[-2], ks[-2], classes, visual)
+            folded = _folded(qs, classes, visual)
+            axial = folded is not None and classes.find(qs[-2]) not in main
+            kind, qseg, kseg = _classify(qs[-2], ks[-2], classes, visual, axial)
             mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
             causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+            mval = node_val(mask) if isinstance(mask, torch.fx.Node) else None
             site = AttentionSite(
                 node.name, kind, module_path(node), block_path(node),
-                int(q.shape[-3]) if q.dim() >= 3 and not isinstance(q.shape[-3], torch.SymInt) else None,
+                int(q.shape[-3]) if q.dim() >= 4 and not isinstance(q.shape[-3], torch.SymInt) else None,
                 int(q.shape[-1]), tuple(qs), tuple(ks), tuple(vs), qs[-2], ks[-2], qseg, kseg,
-                mask is not None, bool(causal))
+                mask is not None, bool(causal),
+                tuple(dim_exprs(mval)) if isinstance(mval, torch.Tensor) else None, folded)
         elif node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _MATMULS:
             site = _matmul_site(node, classes, visual)
             if site is None:
@@ -153,24 +264,62 @@ def find_attention(graph: torch.fx.Graph, classes: ExprClasses) -> list[Attentio
         node.meta["ditpass_attention"] = site
         sites.append(site)
     return sites
+def _einsum_dims(eq: str, shapes: list) -> tuple[list, list] | None:
+    """(contracted exprs, [(expr from operand i, expr from operand j)] for output letters from two
+    different operands) of an einsum; None if the equation cannot be read."""
+    if "->" not in eq:
+        return None
+    lhs, rhs = eq.replace(" ", "").split("->")
+    terms = lhs.split(",")
+    if len(terms) != len(shapes):
+        return None
+    size: dict[str, list] = {}
+    for t, shape in zip(terms, shapes):
+        head, _, tail = t.partition("...") if "..." in t else (t, "", "")
+        if len(head) + len(tail) > len(shape) or ("..." not in t and len(t) != len(shape)):
+            return None
+        pairs = list(zip(head, shape)) + list(zip(tail, shape[len(shape) - len(tail):] if tail else ()))
+        for ch, e in pairs:
+            size.setdefault(ch, []).append(e)
+    contracted = [size[ch][0] for ch in size if ch not in rhs and len(size[ch]) >= 2]
+    return contracted, [size[ch][0] for ch in rhs.replace("...", "") if ch in size]
 
 
 def _matmul_site(node: torch.fx.Node, classes: ExprClasses, visual: set) -> AttentionSite | None:
-    """A matmul mixes tokens when a visual length is contracted or appears twice in its output."""
+    """A matmul of two operands mixes tokens when it contracts a visual length (``k^T v`` of
+    linear attention, ``attn @ v``) or when its result is a visual x visual score matrix of one
+    sequence (``q k^T``). Linear layers (``x @ W``), RoPE rotations and position outer products
+    keep the token dim as a batch or row dim and are not sites; one-operand einsums
+    (unpatchify permutations) neither."""
+    name = getattr(node.target, "__name__", "").split(".")[0]
     out = dim_exprs(node_val(node))
-    ins = [dim_exprs(node_val(a)) for a in node.args if isinstance(a, torch.fx.Node)]
-    if out is None or not ins or any(s is None for s in ins):
+    tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
+    if name == "einsum" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):
+        tensors = [a for a in node.args[1] if isinstance(a, torch.fx.Node)]
+    shapes = [dim_exprs(node_val(a)) for a in tensors]
+    if out is None or len(shapes) < 2 or any(not s for s in shapes):
         return None
 
     def vis(e):
-        return bool(e.free_symbols) and bool(classes.symbols_of(e) & visual)
+        return bool(e.free_symbols) and bool((classes.symbols_of(e) | e.free_symbols) & visual)
 
-    out_vis = [e for e in out if vis(e)]
-    in_vis = [e for s in ins for e in s if vis(e)]
-    contracted = any(not any(classes.same(e, o) for o in out) for e in in_vis)
-    if len(out_vis) < 2 and not contracted:
+    if name == "einsum":
+        parsed = _einsum_dims(str(node.args[0]), shapes)
+        if parsed is None:
+            return None
+        contracted, kept = parsed
+        kept_vis = [e for e in kept if vis(e)]
+        pairs = len({classes.find(e) for e in kept_vis}) < len(kept_vis)
+    else:
+        a_shape, b_shape = shapes[-2], shapes[-1]  # addmm / baddbmm: (bias, a, b)
+        if len(a_shape) < 2 or len(b_shape) < 2:
+            return None
+        contracted = [a_shape[-1]]
+        pairs = vis(a_shape[-2]) and vis(b_shape[-1]) and classes.same(a_shape[-2], b_shape[-1])
+    mixed = [e for e in contracted if vis(e)]
+    if not mixed and not pairs:
         return None
-    length = (out_vis or in_vis)[0]
+    length = mixed[0] if mixed else next(e for e in out if vis(e))
+    segs = _segments(length, classes, visual)
     return AttentionSite(node.name, "matmul", module_path(node), block_path(node), None, None,
-                         tuple(ins[0]), tuple(ins[-1]), tuple(ins[-1]), length, length,
-                         _segments(length, classes, visual), _segments(length, classes, visual))
+                         tuple(shapes[-2]), tuple(shapes[-1]), tuple(shapes[-1]), length, length, segs, list(segs))

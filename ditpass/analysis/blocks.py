@@ -44,10 +44,23 @@ def module_path(node: torch.fx.Node) -> str:
     return st[-1][0] if st else ""
 
 
+def _block_prefix(path: str) -> str | None:
+    """``transformer_blocks.0.norm1.emb`` -> ``transformer_blocks.0``: up to the first index."""
+    parts = path.split(".")
+    for i in range(1, len(parts)):
+        if parts[i].isdigit():
+            return ".".join(parts[: i + 1])
+    return None
+
+
 def block_path(node: torch.fx.Node) -> str | None:
+    """The outermost ``<list>.<index>`` module a node runs in. A submodule of a block called
+    directly from outside the block (DiT: ``self.transformer_blocks[0].norm1.emb(...)`` after the
+    loop) counts for that block: its path starts with the block's."""
     for path, _cls in _stack(node):
-        if _INDEXED.match(path):
-            return path
+        bp = _block_prefix(path)
+        if bp is not None:
+            return bp
     return None
 
 

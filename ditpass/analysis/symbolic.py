@@ -9,6 +9,11 @@ FLUX's image length is ``s87`` in ``hidden_states`` and ``s29`` in ``img_ids``; 
 ``q * cos`` broadcasts ``s31 + s87`` against ``s96 + s29``, and since both sides are
 concatenations of two parts, the parts are unified pairwise. Numbers are never compared: at
 1024x1024 FLUX has 4096 image tokens and a 4096-wide text embedding, and the two stay apart.
+
+A symbolic length is never merged into a constant's class, even where the graph proves them
+equal (PixArt at its config size adds a 64-token position table to ``(s0//2)*(s1//2)`` tokens):
+a constant's class would hold every dim of that size, the 64-wide features included. Such a
+proof is kept aside instead (`ExprClasses.const_of`).
 """
 from __future__ import annotations
 
@@ -39,6 +44,7 @@ def dim_exprs(val) -> tuple[sympy.Expr, ...] | None:
     return None
 
 
+_DTYPE_ONLY = {"type_as"}  # the other operand gives only a dtype: its shape does not broadcast
 _POINTWISE_EXTRA = {"where", "masked_fill", "lerp", "addcmul", "addcdiv", "_to_copy", "type_as"}
 
 
@@ -57,6 +63,7 @@ class ExprClasses:
     def __init__(self) -> None:
         self.parent: dict[sympy.Expr, sympy.Expr] = {}
         self.parts: dict[sympy.Expr, list[tuple[sympy.Expr, ...]]] = {}
+        self.consts: dict[sympy.Expr, int] = {}  # class root -> the constant the graph proves it equals
 
     def find(self, e: sympy.Expr) -> sympy.Expr:
         self.parent.setdefault(e, e)
@@ -73,10 +80,16 @@ class ExprClasses:
             return
         if ra.is_Integer and rb.is_Integer:
             return  # two different constants never unify (and equal ones are one key already)
+        if ra.is_Integer or rb.is_Integer:  # symbolic == constant: noted, never merged (see the module doc)
+            c, r = (ra, rb) if ra.is_Integer else (rb, ra)
+            self.consts.setdefault(r, int(c))
+            return
         # keep the simpler expr as representative: fewer symbols, then shorter text
         if (len(rb.free_symbols), len(str(rb))) < (len(ra.free_symbols), len(str(ra))):
             ra, rb = rb, ra
         self.parent[rb] = ra
+        if rb in self.consts:
+            self.consts.setdefault(ra, self.consts.pop(rb))
         pa, pb = self.parts.get(ra, []), self.parts.pop(rb, [])
         self.parts[ra] = pa + pb
         for x in pa:
@@ -99,6 +112,12 @@ class ExprClasses:
                         if u != v:
                             self.union(u, v)
             self.parts[self.find(total)] = self.parts.get(self.find(total), []) + [parts]
+
+    def const_of(self, e: sympy.Expr) -> int | None:
+        """The constant that the graph proves a symbolic class equal to (guards of the capture), or None."""
+        if e.is_Integer:
+            return int(e)
+        return self.consts.get(self.find(e))
 
     def same(self, a: sympy.Expr, b: sympy.Expr) -> bool:
         return self.find(a) == self.find(b)
@@ -137,7 +156,8 @@ def build_classes(graph: torch.fx.Graph) -> ExprClasses:
                 out = dim_exprs(val)
                 classes.add_parts(out[d], [s[d] for s in ins if s[d] != 0])
         if is_pointwise(node.target) and isinstance(val, torch.Tensor):
-            shapes = [dim_exprs(node_val(a)) for a in node.args if isinstance(a, torch.fx.Node)]
+            data = node.args[:1] if name.split(".")[0] in _DTYPE_ONLY else node.args
+            shapes = [dim_exprs(node_val(a)) for a in data if isinstance(a, torch.fx.Node)]
             shapes = [s for s in shapes if s]
             out = dim_exprs(val)
             for s in shapes:
