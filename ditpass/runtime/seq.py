@@ -193,7 +193,9 @@ def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses
         h = Hp // u
         qkv = torch.stack([t.reshape(B, u, h, S, D).transpose(0, 1) for t in (q, k, v)], dim=2)
         qkv = _a2a(qkv, ulysses_group)  # [u (source rank), B, 3, h, S, D]
-        qkv = qkv.permute(1, 2, 3, 0, 4, 5).reshape(B, 3, h, u * S, D)
+        # [B, 3, u*S, h, D] memory, seen as [B, h, u*S, D]: the [B, S, H, D] layout that the
+        # attention kernels are fastest on, and the one a model's own projections produce
+        qkv = qkv.permute(1, 2, 0, 4, 3, 5).reshape(B, 3, u * S, h, D).transpose(2, 3)
         q, k, v = qkv.unbind(1)
     uly_ranks = list(range(u)) if u > 1 else [ulysses_rank]
     # a mask is in global order; pick the rows of our queries and the columns of each key chunk
