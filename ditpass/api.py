@@ -53,6 +53,10 @@ class ParallelModule(torch.nn.Module):
         self.dims = ParallelDims(plan, world)
         self.mesh = self.dims.build_mesh() if world > 1 else None
         self._records: dict[tuple, Record] = {}
+        # dp x cfg: each call's batch is split over those ranks, outputs gathered (runtime/batch.py)
+        from .runtime.batch import BatchSplit
+
+        self.batch_split = BatchSplit.from_plan(plan, self.dims, rank, self.mesh, type(module).__name__)
 
     def __getattr__(self, name: str):
         try:
@@ -106,6 +110,11 @@ class ParallelModule(torch.nn.Module):
         return rec
 
     def forward(self, *args, **kwargs):
+        if self.batch_split is not None:  # this rank's rows of the batch; outputs all-gathered
+            return self.batch_split.run(self._forward_local, self.module, args, kwargs)
+        return self._forward_local(*args, **kwargs)
+
+    def _forward_local(self, *args, **kwargs):
         return self.build(*args, **kwargs).runner(*args, **kwargs)
 
 
@@ -124,6 +133,11 @@ def parallelize(model: torch.nn.Module, plan: Plan | None = None, **plan_fields)
     from torchrun's environment. Every rank passes the same full inputs and gets the full output.
     """
     plan = plan or Plan(**plan_fields)
+    from . import pipeline
+
+    pipeline.check_supported(plan)
+    if pipeline.is_pipeline(model):  # a diffusers pipeline: its transformer(s) wrapped, pipe returned
+        return pipeline.parallelize_pipeline(model, plan)
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
     plan.validate(world)
     return ParallelModule(model, plan)
