@@ -4,6 +4,8 @@
 
 Subcommands (each an ``_add_<name>(subparsers)`` that sets ``func``; add one the same way):
 
+- ``generate``: run a diffusers pipeline (the built-in digits model by default) under a plan built
+  from xDiT's flags, save the pictures (`ditpass.generate`).
 - ``run``: under ``torchrun``, parallelize a zoo transformer with ``--plan``, run it next to the
   single-device forward, print the explanation and the max difference (`ditpass.verify`).
 - ``inspect``: build a zoo model (on the ``meta`` device by default: no weights, no memory),
@@ -42,7 +44,20 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     _add_inspect(sub)
     _add_run(sub)
+    _add_generate(sub)
     return parser
+
+
+# ---- generate ---------------------------------------------------------------------------------
+
+
+def _add_generate(sub) -> None:
+    from . import generate
+
+    p = sub.add_parser("generate", help="run a pipeline (default: the built-in digits model) under a plan, save images",
+                       description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    generate.add_arguments(p)
+    p.set_defaults(func=generate.run)
 
 
 # ---- run --------------------------------------------------------------------------------------

@@ -32,6 +32,8 @@ import sympy
 import torch
 import torch.fx
 
+from .analysis import _flat  # the same walk over nested outputs
+
 __all__ = ["explain", "Explanation", "DryRun", "dry_run"]
 
 
@@ -354,16 +356,6 @@ def _gathered_outputs(gm) -> list:
             res.append(None)
     return res
 
-
-def _flat(a):
-    if isinstance(a, (list, tuple)):
-        for x in a:
-            yield from _flat(x)
-    elif isinstance(a, dict):
-        for x in a.values():
-            yield from _flat(x)
-    else:
-        yield a
 
 
 def _sig_text(sig) -> str:

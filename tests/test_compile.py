@@ -8,25 +8,9 @@ import ditpass
 from ditpass.backend import BackendError, compile_graph
 
 from dist_utils import run_distributed
+from tiny_models import tiny_flux
 
 _STATE: dict = {}
-
-
-def _tiny_flux():
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=16, num_attention_heads=4, joint_attention_dim=32,
-                                   pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
-    g = torch.Generator().manual_seed(1)
-    n_img, n_txt = 15, 7
-    inputs = dict(hidden_states=torch.randn(1, n_img, 16, generator=g),
-                  encoder_hidden_states=torch.randn(1, n_txt, 32, generator=g),
-                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
-                  guidance=torch.tensor([3.5]), img_ids=torch.randn(n_img, 3, generator=g),
-                  txt_ids=torch.zeros(n_txt, 3), return_dict=False)
-    return model, inputs
 
 
 def _compiled(rank, world):
@@ -43,7 +27,7 @@ def _compiled(rank, world):
 
 
 def test_inductor_no_graph_break_same_output():
-    model, inputs = _tiny_flux()
+    model, inputs = tiny_flux()
     with torch.no_grad():
         ref = model(**inputs)[0]
     ditpass.capture(model, **inputs)

@@ -17,6 +17,7 @@ from ditpass.models import zoo
 from ditpass.runtime import seq
 
 from dist_utils import run_distributed
+from tiny_models import tiny_flux
 
 TOL = 1e-4
 PLANS = [dict(dp=2, ulysses=2), dict(dp=2, ring=2), dict(ring=2, ulysses=2)]
@@ -96,19 +97,7 @@ def test_control_without_exchange_differs():
 
 def test_heads_not_divisible_by_ulysses():
     """3 heads over ulysses=2: heads are padded, the result stays exact."""
-    torch.manual_seed(0)
-    from diffusers import FluxTransformer2DModel
-
-    model = FluxTransformer2DModel(patch_size=1, in_channels=16, num_layers=1, num_single_layers=1,
-                                   attention_head_dim=16, num_attention_heads=3, joint_attention_dim=32,
-                                   pooled_projection_dim=16, guidance_embeds=True, axes_dims_rope=(4, 6, 6)).eval()
-    g = torch.Generator().manual_seed(1)
-    n_img, n_txt = 15, 7
-    inputs = dict(hidden_states=torch.randn(1, n_img, 16, generator=g),
-                  encoder_hidden_states=torch.randn(1, n_txt, 32, generator=g),
-                  pooled_projections=torch.randn(1, 16, generator=g), timestep=torch.tensor([0.5]),
-                  guidance=torch.tensor([3.5]), img_ids=torch.randn(n_img, 3, generator=g),
-                  txt_ids=torch.zeros(n_txt, 3), return_dict=False)
+    model, inputs = tiny_flux(heads=3)
     with torch.no_grad():
         ref = _first(model(**inputs))
     ditpass.capture(model, **inputs)

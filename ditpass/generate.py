@@ -1,0 +1,138 @@
+"""`ditpass generate`: run a diffusers pipeline under a plan and save what it makes.
+
+    torchrun --nproc_per_node=2 -m ditpass generate --use_cfg_parallel --prompt 3
+    python -m ditpass generate --model /path/to/diffusers/folder --prompt "a cat" --ulysses_degree 1
+
+The flags are xDiT's. ``--model`` is ``digits`` (the built-in class-conditional DiT, the
+default) or a local diffusers pipeline folder. Every rank runs the same pipeline with the same
+seed; the plan splits the work (ditpass.parallelize); rank 0 shows the progress bar, saves the
+images and prints one summary line.
+"""
+from __future__ import annotations
+
+import argparse
+import inspect
+import json
+import os
+import time
+
+import torch
+
+__all__ = ["add_arguments", "run", "plan_from_args"]
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="digits", help="'digits' (built-in) or a local diffusers pipeline folder")
+    p.add_argument("--prompt", nargs="+", default=["3"], help="prompts (for the digits model: class names 0..9)")
+    p.add_argument("--negative_prompt", default=None)
+    p.add_argument("--num_inference_steps", type=int, default=None, help="default: the model's own")
+    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--height", type=int, default=None)
+    p.add_argument("--width", type=int, default=None)
+    p.add_argument("--num_frames", type=int, default=None)
+    p.add_argument("--output_dir", default="results")
+    p.add_argument("--ulysses_degree", type=int, default=1)
+    p.add_argument("--ring_degree", type=int, default=1)
+    p.add_argument("--use_cfg_parallel", action="store_true", help="cond and uncond halves on two ranks")
+    p.add_argument("--data_parallel_degree", type=int, default=1)
+    p.add_argument("--pipefusion_parallel_degree", type=int, default=1, help="not built yet: must be 1")
+    p.add_argument("--num_pipeline_patch", type=int, default=None, help="PipeFusion patches (not built yet)")
+    p.add_argument("--warmup_steps", type=int, default=1, help="PipeFusion warm-up steps (not built yet)")
+    p.add_argument("--use_torch_compile", action="store_true", help="Plan(compile='inductor')")
+    p.add_argument("--plan", default=None, help="a saved Plan (JSON file) or 'k=v,...'; overrides the degree flags")
+    p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
+
+
+def plan_from_args(args):
+    from .plan import Plan
+
+    if args.plan:
+        return Plan.parse(args.plan)
+    if args.pipefusion_parallel_degree > 1 or args.num_pipeline_patch:
+        raise SystemExit("ditpass generate: --pipefusion_parallel_degree / --num_pipeline_patch: PipeFusion is not "
+                         "built yet in ditpass; leave them at their defaults (use ulysses/ring/cfg/dp)")
+    return Plan(dp=args.data_parallel_degree, cfg=2 if args.use_cfg_parallel else 1, ring=args.ring_degree,
+                ulysses=args.ulysses_degree, compile="inductor" if args.use_torch_compile else "eager")
+
+
+def _load(model: str, device, dtype):
+    if model == "digits":
+        from ditpass.models import digits
+
+        return digits.load_pipeline(device=device, dtype=dtype)
+    if os.path.isdir(model):
+        from diffusers import DiffusionPipeline
+
+        return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+    raise SystemExit(f"ditpass generate: --model {model!r} is neither 'digits' nor a local diffusers folder "
+                     "(no hub downloads)")
+
+
+def _call_kwargs(pipe, args, device) -> dict:
+    params = inspect.signature(pipe.__call__).parameters
+    kw: dict = {}
+    if hasattr(pipe, "get_label_ids") and "class_labels" in params:  # class-conditional: prompts are labels
+        kw["class_labels"] = pipe.get_label_ids(args.prompt)
+    else:
+        kw["prompt"] = args.prompt
+        if args.negative_prompt is not None and "negative_prompt" in params:
+            kw["negative_prompt"] = [args.negative_prompt] * len(args.prompt)
+    for name in ("height", "width", "num_frames", "num_inference_steps"):
+        v = getattr(args, name)
+        if v is not None:
+            if name not in params:
+                raise SystemExit(f"ditpass generate: --{name} is not a parameter of {type(pipe).__name__}")
+            kw[name] = v
+    if "guidance_scale" in params:
+        kw["guidance_scale"] = args.guidance_scale
+    kw["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
+    return kw
+
+
+def run(args) -> int:
+    import torch.distributed as dist
+
+    import ditpass
+    from ditpass.mesh import init_distributed
+
+    plan = plan_from_args(args)
+    rank, world = init_distributed()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dtype = torch.bfloat16 if device == "cuda" else torch.float32
+    pipe = _load(args.model, device, dtype)
+    pipe.set_progress_bar_config(disable=rank != 0, desc=f"rank 0 of {world}, {plan}")
+    if world > 1 or plan != ditpass.Plan():
+        pipe = ditpass.parallelize(pipe, plan)
+    kw = _call_kwargs(pipe, args, device)
+    steps = kw.get("num_inference_steps") or inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        result = pipe(**kw)
+    seconds = time.perf_counter() - t0
+    if rank == 0:
+        os.makedirs(args.output_dir, exist_ok=True)
+        saved = []
+        images = getattr(result, "images", None)
+        frames = getattr(result, "frames", None)
+        tag = "_".join(p.replace(" ", "-")[:20] for p in args.prompt)
+        for i, im in enumerate(images or []):
+            path = os.path.join(args.output_dir, f"{args.model.strip('/').split('/')[-1]}_{tag}_{i}_seed{args.seed}.png")
+            im.save(path)
+            saved.append(path)
+        for i, video in enumerate(frames or []):
+            path = os.path.join(args.output_dir, f"{tag}_{i}_seed{args.seed}.gif")
+            video[0].save(path, save_all=True, append_images=list(video[1:]), duration=125, loop=0)
+            saved.append(path)
+        mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "n/a (cpu)"
+        print(f"{plan} on {world} process(es): {seconds / steps:.3f} s per step, {seconds:.2f} s for {steps} steps, "
+              f"peak memory {mem}")
+        for path in saved:
+            print(f"saved {path}")
+        with open(os.path.join(args.output_dir, "last_run.json"), "w") as f:
+            json.dump(dict(plan=plan.to_dict(), world=world, seconds=seconds, steps=steps, files=saved), f, indent=2)
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
+    return 0
