@@ -18,11 +18,12 @@ def _compiled(rank, world):
 
     model, inputs, ref = _STATE["model"], _STATE["inputs"], _STATE["ref"]
     torch._dynamo.reset()
+    before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # forked: the parent's count comes along
     with torch.no_grad():
         pm = ditpass.parallelize(model, ditpass.Plan(ulysses=2, compile="inductor"))
         out = pm(**inputs)[0]
     # fullgraph=True makes any graph break an error; count the graphs Dynamo made to be sure
-    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"]
+    frames = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
     return float((out - ref).abs().max()), frames
 
 
