@@ -1,0 +1,49 @@
+"""`ditpass generate` as a user runs it: the real command, one process and two (torchrun, gloo)."""
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+from PIL import Image
+
+WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "weights")
+ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
+
+
+def _generate(tmp_path, name, *flags, nproc=1):
+    out = tmp_path / name
+    launcher = ([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(nproc), "--master_port", "0"]
+                if nproc > 1 else [sys.executable])
+    cmd = launcher + ["-m", "ditpass", "generate", "--prompt", "3", "7", "--num_inference_steps", "8",
+                      "--output_dir", str(out), *flags]
+    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    return proc, out
+
+
+def _images(out):
+    files = json.loads((out / "last_run.json").read_text())["files"]
+    return [np.asarray(Image.open(f), dtype=np.int16) for f in files]
+
+
+@pytest.mark.skipif(not os.path.isdir(WEIGHTS), reason="built-in digits weights not present")
+def test_generate_one_and_two_processes_same_pictures(tmp_path):
+    single, out1 = _generate(tmp_path, "one")
+    assert single.returncode == 0, single.stderr[-2000:]
+    assert "saved" in single.stdout and "s per step" in single.stdout
+    cfg, out2 = _generate(tmp_path, "cfg", "--use_cfg_parallel", nproc=2)
+    assert cfg.returncode == 0, cfg.stderr[-2000:]
+    assert "Plan(cfg=2) on 2 process(es)" in cfg.stdout
+    a, b = _images(out1), _images(out2)
+    assert len(a) == len(b) == 2
+    for x, y in zip(a, b):
+        assert x.shape == y.shape and np.abs(x - y).max() <= 1  # PNG rounding of float noise
+
+
+def test_pipefusion_flag_says_not_built(tmp_path):
+    proc, _ = _generate(tmp_path, "pf", "--pipefusion_parallel_degree", "2")
+    assert proc.returncode != 0
+    assert "PipeFusion is not built yet" in proc.stderr + proc.stdout
