@@ -26,7 +26,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", nargs="+", default=["3"], help="prompts (for the digits model: class names 0..9)")
     p.add_argument("--negative_prompt", default=None)
     p.add_argument("--num_inference_steps", type=int, default=None, help="default: the model's own")
-    p.add_argument("--guidance_scale", type=float, default=4.0)
+    p.add_argument("--guidance_scale", type=float, default=None, help="default: the model's own")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--height", type=int, default=None)
     p.add_argument("--width", type=int, default=None)
@@ -84,7 +84,13 @@ def _call_kwargs(pipe, args, device) -> dict:
             if name not in params:
                 raise SystemExit(f"ditpass generate: --{name} is not a parameter of {type(pipe).__name__}")
             kw[name] = v
-    if "guidance_scale" in params:
+    if args.model == "digits":  # the sampling settings recorded with the built-in weights
+        from ditpass.models import digits
+
+        for name, value in digits.defaults().items():
+            if name in params and getattr(args, name, None) is None:
+                kw[name] = value
+    if "guidance_scale" in params and args.guidance_scale is not None:
         kw["guidance_scale"] = args.guidance_scale
     kw["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
     return kw
