@@ -102,14 +102,6 @@ EXPECT: dict[str, dict] = {
 }
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(old, 2))
-    yield
-    torch.set_num_threads(old)
-
-
 _ANALYSES: dict = {}
 
 

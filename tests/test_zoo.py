@@ -52,14 +52,6 @@ def _tokens(name, kw):
     return n
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _threads():
-    old = torch.get_num_threads()
-    torch.set_num_threads(min(old, 2))
-    yield
-    torch.set_num_threads(old)
-
-
 def test_names():
     assert len(NAMES) == 12 and len(set(NAMES)) == 12
     import diffusers
