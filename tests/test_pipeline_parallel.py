@@ -96,6 +96,12 @@ def _dit():
                                  scheduler=diffusers.DDIMScheduler())
 
 
+def _digits():
+    from ditpass.models import digits
+
+    return digits.load_pipeline()
+
+
 # name -> (builder, call kwargs); 32x32 px images: 16x16 latents, 64 tokens
 PIPES = {
     "PixArtSigmaPipeline": (_pixart, dict(prompt=["a red cat", "blue dog on the mat"], negative_prompt="", height=32,
@@ -104,6 +110,8 @@ PIPES = {
     "StableDiffusion3Pipeline": (_sd3, dict(prompt=["a red cat", "blue dog on the mat"], height=32, width=32,
                                             max_sequence_length=8)),
     "DiTPipeline": (_dit, dict(class_labels=[1, 7])),
+    # the built-in trained model (DiTPipeline with the shipped weights)
+    "digits": (_digits, dict(class_labels=[3, 7])),
 }
 
 # ---- parent-side setup, shared with the forked ranks ----------------------------------------
