@@ -189,14 +189,16 @@ def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses
             pad = (0, 0, 0, 0, 0, Hp - H)
             q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
 
-        # one all-to-all for q, k and v: [u (dest), B, 3, h, S, D], built by one copy per tensor
+        # One all-to-all for q, k and v, sent as [u (dest), B, S, 3, h, D]: token-major, like the
+        # [B, S, H, D] memory the projections leave behind, so the one copy per tensor (the stack)
+        # moves runs of h*D values, and what arrives is [u (source), B, S, 3, h, D]: for B == 1 the
+        # q, k, v of the whole sequence are views of it (no copy) in the packed [B, S, 3, H, D]
+        # layout that the fused attention kernels take as is.
         h = Hp // u
-        qkv = torch.stack([t.reshape(B, u, h, S, D).transpose(0, 1) for t in (q, k, v)], dim=2)
-        qkv = _a2a(qkv, ulysses_group)  # [u (source rank), B, 3, h, S, D]
-        # [B, 3, u*S, h, D] memory, seen as [B, h, u*S, D]: the [B, S, H, D] layout that the
-        # attention kernels are fastest on, and the one a model's own projections produce
-        qkv = qkv.permute(1, 2, 0, 4, 3, 5).reshape(B, 3, u * S, h, D).transpose(2, 3)
-        q, k, v = qkv.unbind(1)
+        qkv = torch.stack([t.transpose(1, 2).reshape(B, S, u, h, D).permute(2, 0, 1, 3, 4) for t in (q, k, v)], 3)
+        qkv = _a2a(qkv, ulysses_group)  # [u (source rank), B, S, 3, h, D]
+        qkv = qkv.transpose(0, 1).reshape(B, u * S, 3, h, D)
+        q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, h, u*S, D]
     uly_ranks = list(range(u)) if u > 1 else [ulysses_rank]
     # a mask is in global order; pick the rows of our queries and the columns of each key chunk
     rows = None if mask is None else _positions(lengths, n, [ring_rank * u + i for i in uly_ranks], False, q.device)
@@ -206,10 +208,10 @@ def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses
         out = torch.nn.functional.scaled_dot_product_attention(
             q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), attn_mask=m, scale=scale)
     else:
-        kv = torch.stack([k, v]).contiguous()  # [2, B, h, u*S, D]
+        kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)])  # [2, B, u*S, h, D], token-major
         kv = funcol.all_gather_tensor(kv, 0, ring_group)
         kv = funcol.wait_tensor(kv) if hasattr(funcol, "wait_tensor") else kv
-        kv = kv.view(r, 2, *k.shape)
+        kv = kv.view(r, 2, B, k.shape[2], k.shape[1], D).transpose(3, 4)  # [r, 2, B, h, u*S, D]
         acc, lse = None, None
         for j in range(r):
             srcs = [j * u + i for i in uly_ranks]
@@ -221,10 +223,11 @@ def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses
             acc, lse = merge_lse(acc, lse, o, l)
         out = acc.to(q.dtype)
     if u > 1:
+        # back: send [u (dest: the rank these tokens came from), B, S, h, D], token-major again
         h = out.shape[1]
-        t = out.reshape(B, h, u, S, D).permute(2, 0, 1, 3, 4)  # [u (dest rank), B, h, S, D]
-        t = _a2a(t, ulysses_group)  # [u (source = head group), B, h, S, D]
-        # lay it out as [B, S, H, D] memory: the graph's next ops (permute to [B, S, H, D], flatten
-        # the heads) are then views, not another copy
-        out = t.permute(1, 3, 0, 2, 4).reshape(B, S, u * h, D)[:, :, :H].transpose(1, 2)
+        t = out.transpose(1, 2).reshape(B, u, S, h, D).transpose(0, 1)
+        t = _a2a(t, ulysses_group)  # [u (source = head group), B, S, h, D]
+        # as [B, S, H, D] memory: the graph's next ops (permute to [B, S, H, D], flatten the
+        # heads) are views, not another copy
+        out = t.permute(1, 2, 0, 3, 4).reshape(B, S, u * h, D)[:, :, :H].transpose(1, 2)
     return out
