@@ -1,8 +1,10 @@
 """Backends: what runs the rewritten graph. One function, chosen by ``Plan.compile``.
 
 - ``eager``: the GraphModule itself.
-- ``inductor``: ``torch.compile(fullgraph=True)``: the inserted collectives are functional
-  collectives and plain torch, so a whole forward is one graph with no break; a break is an error.
+- ``inductor``: ``torch.compile(fullgraph=True)`` region by region (`ditpass.regional`): each
+  distinct transformer block is compiled once and reused for every block of its kind; the glue
+  between blocks is compiled too. The inserted collectives are functional collectives and plain
+  torch, so no region has a graph break; a break is an error.
 - ``onediff`` / ``nexfort``: used where installed; otherwise an error that says what to install.
 """
 from __future__ import annotations
@@ -21,7 +23,9 @@ def compile_graph(gm: torch.fx.GraphModule, backend: str):
     if backend == "eager":
         return gm
     if backend == "inductor":
-        return torch.compile(gm, fullgraph=True, dynamic=False)
+        from .regional import compile_regions
+
+        return compile_regions(gm)
     if backend in ("onediff", "nexfort"):
         try:
             import nexfort  # noqa: F401

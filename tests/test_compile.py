@@ -1,4 +1,5 @@
-"""A parallelized model compiled with inductor: one graph per forward (fullgraph), same output."""
+"""A parallelized model compiled with inductor: region by region, repeated blocks compiled once, each
+region one graph (fullgraph), same output."""
 from __future__ import annotations
 
 import pytest
@@ -9,6 +10,8 @@ from ditpass.backend import BackendError, compile_graph
 
 from dist_utils import run_distributed
 from tiny_models import tiny_flux
+from ditpass.models import zoo
+from ditpass.regional import RegionalModule
 
 _STATE: dict = {}
 
@@ -22,9 +25,13 @@ def _compiled(rank, world):
     with torch.no_grad():
         pm = ditpass.parallelize(model, ditpass.Plan(ulysses=2, compile="inductor"))
         out = pm(**inputs)[0]
-    # fullgraph=True makes any graph break an error; count the graphs Dynamo made to be sure
+        out2 = pm(**inputs)[0]  # the second call reuses every compiled region
+    # fullgraph=True makes any graph break an error; count the graphs Dynamo made to be sure:
+    # one per distinct region (template), not one per block
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
-    return float((out - ref).abs().max()), frames
+    runner = pm.ditpass_records[0].runner
+    return float((out - ref).abs().max()), float((out2 - ref).abs().max()), frames, len(runner.templates), \
+        len(runner.regions)
 
 
 def test_inductor_no_graph_break_same_output():
@@ -34,9 +41,32 @@ def test_inductor_no_graph_break_same_output():
     ditpass.capture(model, **inputs)
     _STATE.update(model=model, inputs=inputs, ref=ref)
     results = run_distributed(_compiled, 2, timeout=900, start_method="fork")
-    for diff, graphs in results:
-        assert diff <= 1e-4
-        assert graphs == 1
+    for diff, diff2, graphs, templates, regions in results:
+        assert diff <= 1e-4 and diff2 <= 1e-4
+        assert graphs == templates  # one graph per template: no break inside any region
+        assert regions >= 3
+
+
+def test_repeated_blocks_share_one_template():
+    """FLUX tiny with 3 double and 4 single blocks: the blocks of one kind share compiled code (the
+    last of each list may differ: it hands on fewer values), and running region by region is exact."""
+    cfg = dict(zoo.config("FluxTransformer2DModel", "tiny"), num_layers=3, num_single_layers=4)
+    torch.manual_seed(0)
+    model = type(zoo.build("FluxTransformer2DModel", "tiny"))(**cfg).eval()
+    inputs = zoo.make_inputs("FluxTransformer2DModel", "tiny")
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+        gm = ditpass.parallelize(model, ditpass.Plan()).build(**inputs).graph_module
+        compiled = []
+        rm = RegionalModule(gm, lambda g: compiled.append(g) or g)  # "compile" = identity: count them
+        out = rm(**inputs)[0]
+    assert float((out - ref).abs().max()) == 0.0
+    blocks = [r for r in rm.regions if r.block]
+    assert len(blocks) == 7
+    assert len(compiled) == len(rm.templates) <= 2 + 2 + 2  # <= 2 per block list + glue before/after
+    used = {r.template for r in blocks if r.block.startswith("single")}
+    assert len(used) <= 2 and len([r for r in blocks if r.block.startswith("single")]) == 4
+    assert "regions" in rm.describe()
 
 
 def test_onediff_missing_is_a_clear_error():
