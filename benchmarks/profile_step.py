@@ -1,0 +1,141 @@
+"""Where a forward's GPU time goes: torch.profiler of one FLUX.1-dev-size forward per system.
+
+    torchrun --nproc_per_node=2 benchmarks/profile_step.py --res 2048 --plan u2 [--systems ditpass,diffusers]
+
+For each system (ditpass with ``--plan``, then diffusers' ``ContextParallelConfig`` with the same
+Ulysses degree, last because it mutates the model), after warm-ups: one profiled forward. Rank 0
+writes ``$OUT/prof_<system>_<plan>_<res>.txt``: the CUDA kernels grouped by name (count, total ms,
+share), the same grouped into categories (gemm, attention, nccl, copy, elementwise, norm, other),
+and the GPU's busy time vs the forward's wall time. Comparing the two files shows which kernels
+differ. Weights random (seed 0), bf16, on every rank's GPU.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import re
+import sys
+import time
+from collections import defaultdict
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from bench_sp import import_ditpass, plan_fields  # noqa: E402
+
+CATEGORIES = [  # first match wins
+    ("nccl", r"nccl"),
+    ("attention", r"flash|fmha|cudnn|attention|sdpa|sm90_fmha|softmax"),
+    ("gemm", r"gemm|sm90_xmma|cutlass|wgmma|cublas|splitK|nvjet"),
+    ("copy", r"copy|Memcpy|memcpy|cat|index|gather|CatArray|elementwise_kernel_manual_unroll.*direct_copy"),
+    ("norm", r"norm|welford|reduce"),
+    ("elementwise", r"elementwise|vectorized|unrolled|triton"),
+]
+
+
+def category(name: str) -> str:
+    for cat, pat in CATEGORIES:
+        if re.search(pat, name, re.I):
+            return cat
+    return "other"
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--res", type=int, default=2048)
+    p.add_argument("--plan", default="u2")
+    p.add_argument("--txt", type=int, default=512)
+    p.add_argument("--systems", default="ditpass,diffusers")
+    p.add_argument("--warmup", type=int, default=2)
+    a = p.parse_args()
+
+    import torch
+    import torch.distributed as dist
+    from diffusers import ContextParallelConfig, FluxTransformer2DModel, ParallelConfig
+
+    world, rank, lr = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
+    dev = torch.device("cuda", lr)
+    torch.cuda.set_device(dev)
+    dist.init_process_group("nccl", device_id=dev)
+    ditpass = import_ditpass()
+    out_dir = Path(os.environ.get("OUT") or "benchmarks/results/raw")
+    out_dir.mkdir(parents=True, exist_ok=True)
+
+    torch.manual_seed(0)
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    with dev:
+        model = FluxTransformer2DModel(num_layers=19, num_single_layers=38, guidance_embeds=True).eval()
+    torch.set_default_dtype(prev)
+    model.set_attention_backend("native")
+    for q in model.parameters():  # identical weights everywhere
+        dist.broadcast(q.data, 0)
+    lat = a.res // 16
+    g = torch.Generator(device=dev).manual_seed(1)
+    kw = dict(hidden_states=torch.randn(1, lat * lat, 64, device=dev, dtype=torch.bfloat16, generator=g),
+              encoder_hidden_states=torch.randn(1, a.txt, 4096, device=dev, dtype=torch.bfloat16, generator=g),
+              pooled_projections=torch.randn(1, 768, device=dev, dtype=torch.bfloat16, generator=g),
+              timestep=torch.tensor([0.5], device=dev, dtype=torch.bfloat16),
+              guidance=torch.tensor([3.5], device=dev, dtype=torch.bfloat16),
+              img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(lat).float(),
+                                                 torch.arange(lat).float(), indexing="ij"), -1).reshape(-1, 3).to(dev),
+              txt_ids=torch.zeros(a.txt, 3, device=dev), return_dict=False)
+    for v in kw.values():
+        if isinstance(v, torch.Tensor):
+            dist.broadcast(v, 0)
+
+    fields = plan_fields(a.plan)
+    for system in a.systems.split(","):
+        if system == "ditpass":
+            fn = ditpass.parallelize(model, ditpass.Plan(**fields))
+        elif system == "diffusers":
+            model.enable_parallelism(config=ParallelConfig(
+                context_parallel_config=ContextParallelConfig(ulysses_degree=fields["ulysses"],
+                                                              ring_degree=fields["ring"])))
+            fn = model
+        else:
+            raise SystemExit(f"unknown system {system}")
+        with torch.inference_mode():
+            for _ in range(a.warmup):
+                fn(**kw)
+            torch.cuda.synchronize()
+            dist.barrier()
+            t = time.perf_counter()
+            fn(**kw)
+            torch.cuda.synchronize()
+            wall_plain = (time.perf_counter() - t) * 1e3
+            dist.barrier()
+            with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
+                t = time.perf_counter()
+                fn(**kw)
+                torch.cuda.synchronize()
+                wall = (time.perf_counter() - t) * 1e3
+        if rank == 0:
+            by_name = defaultdict(lambda: [0, 0.0])
+            for ev in prof.events():
+                if ev.device_type == torch.autograd.DeviceType.CUDA:
+                    by_name[ev.name][0] += 1
+                    by_name[ev.name][1] += ev.device_time_total / 1e3 if hasattr(ev, "device_time_total") \
+                        else ev.cuda_time_total / 1e3
+            busy = sum(v[1] for v in by_name.values())
+            cats = defaultdict(lambda: [0, 0.0])
+            for name, (c, ms) in by_name.items():
+                cats[category(name)][0] += c
+                cats[category(name)][1] += ms
+            lines = [f"{system} plan={a.plan} res={a.res} world={world}: wall {wall:.1f} ms profiled, "
+                     f"{wall_plain:.1f} ms unprofiled; kernel time (sum over streams) {busy:.1f} ms, "
+                     f"{sum(v[0] for v in by_name.values())} kernels", "", "category  kernels  ms  share"]
+            for cat, (c, ms) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
+                lines.append(f"{cat:12s} {c:6d} {ms:9.2f} {ms / busy:6.1%}")
+            lines += ["", "kernel  count  ms  share"]
+            for name, (c, ms) in sorted(by_name.items(), key=lambda kv: -kv[1][1])[:60]:
+                lines.append(f"{ms:9.2f} {c:6d} {ms / busy:6.1%}  {name[:200]}")
+            text = "\n".join(lines)
+            print(text, flush=True)
+            (out_dir / f"prof_{system}_{a.plan}_{a.res}.txt").write_text(text + "\n")
+        del fn
+        dist.barrier()
+    dist.destroy_process_group()
+
+
+if __name__ == "__main__":
+    main()
