@@ -30,8 +30,8 @@ def _compiled(rank, world):
     # one per distinct region (template), not one per block
     frames = torch._dynamo.utils.counters["stats"]["unique_graphs"] - before
     runner = pm.ditpass_records[0].runner
-    return float((out - ref).abs().max()), float((out2 - ref).abs().max()), frames, len(runner.templates), \
-        len(runner.regions)
+    compiled = sum(t["compiled"] for t in runner.templates.values())
+    return float((out - ref).abs().max()), float((out2 - ref).abs().max()), frames, compiled, len(runner.regions)
 
 
 def test_inductor_no_graph_break_same_output():
@@ -43,7 +43,7 @@ def test_inductor_no_graph_break_same_output():
     results = run_distributed(_compiled, 2, timeout=900, start_method="fork")
     for diff, diff2, graphs, templates, regions in results:
         assert diff <= 1e-4 and diff2 <= 1e-4
-        assert graphs == templates  # one graph per template: no break inside any region
+        assert graphs == templates >= 2  # one graph per compiled block template: no break inside any
         assert regions >= 3
 
 
@@ -63,7 +63,7 @@ def test_repeated_blocks_share_one_template():
     assert float((out - ref).abs().max()) == 0.0
     blocks = [r for r in rm.regions if r.block]
     assert len(blocks) == 7
-    assert len(compiled) == len(rm.templates) <= 2 + 2 + 2  # <= 2 per block list + glue before/after
+    assert len(compiled) == len([t for t in rm.templates.values() if t["compiled"]]) <= 4  # <= 2 per block list
     used = {r.template for r in blocks if r.block.startswith("single")}
     assert len(used) <= 2 and len([r for r in blocks if r.block.startswith("single")]) == 4
     assert "regions" in rm.describe()
