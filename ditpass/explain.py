@@ -139,6 +139,9 @@ def explain(obj, *, graph: bool = False) -> Explanation:
         header.update({k: v for k, v in _captured_header(records[0].captured).items() if k != "model"})
         header["signatures"] = len(records)
         parts = [_part(r.analysis, r.results, r.graph_module, graph, r.signature) for r in records]
+        for part, r in zip(parts, records):  # how the rewritten graph runs (compiled regions, if any)
+            if hasattr(r.runner, "describe"):
+                part["backend"] = r.runner.describe()
         return Explanation(header, parts)
     if isinstance(obj, Captured):
         header = _captured_header(obj)
@@ -555,6 +558,9 @@ def _part_text(p: dict, condense: bool) -> str:
         for k, v in ps["details"].items():
             if v:
                 out.append(f"  {k}: {json.dumps(v)[:400]}")
+    if p.get("backend"):
+        out.append(_rule("backend: compiled regions"))
+        out.extend(f"  {line}" for line in p["backend"].splitlines())
     for ps in p["passes"]:
         if ps.get("graph_code") and ps["modified"]:
             out.append(_rule(f"graph after pass {ps['name']}"))
