@@ -7,14 +7,8 @@
 from .analysis import analyze
 from .api import ParallelModule, parallelize
 from .capture import CaptureError, Captured, capture
+from .explain import explain  # eager: importing the submodule later would otherwise shadow the function
 from .plan import Plan, PlanError
 
 __all__ = ["Plan", "PlanError", "capture", "Captured", "CaptureError", "analyze", "parallelize", "ParallelModule",
            "explain"]
-
-
-def explain(obj, **kwargs):
-    """What ditpass did to ``obj`` (a `Captured` or a parallelized module); prints as text."""
-    from .explain import explain as _explain
-
-    return _explain(obj, **kwargs)

@@ -153,3 +153,18 @@ def test_cli_plan_svg_json(cli_runs):
     assert any(t.startswith("all_gather") for t in texts) and any(t.startswith("shard ") for t in texts)
     d = json.loads((out / "e.json").read_text())
     assert len(d["parts"][0]["passes"][0]["collectives"]) == 5
+
+
+def test_ditpass_explain_stays_the_function():
+    """`ditpass.explain` is the function, also after the submodule `ditpass.explain` is imported
+    (a lazy import inside the function used to replace it with the module after the first call)."""
+    import importlib
+
+    import ditpass
+
+    mod = importlib.import_module("ditpass.explain")
+    assert callable(ditpass.explain) and ditpass.explain is mod.explain
+    model = torch.nn.Linear(2, 2)
+    pm = ditpass.parallelize(model, ditpass.Plan())
+    for _ in range(2):  # the second call is the one that failed
+        assert "not built yet" in str(ditpass.explain(pm))
