@@ -12,7 +12,10 @@ regions and compiles each distinct one once:
   lifted to arguments, so blocks of the same structure give the same graph. Regions are compared by
   a structural key (ops, targets, constants, argument wiring); equal keys share one
   ``torch.compile(..., fullgraph=True)`` callable. FLUX.1: 59 regions, 3 compiled block templates
-  (double; single; the last single block, which hands on one value less). Glue runs eagerly.
+  (double; single; the last single block, which hands on one value less). Glue runs eagerly, as in
+  diffusers' ``compile_repeated_blocks``: compiled, it moved FLUX's output by 7.6% (its RoPE tables), and
+  on 2 and 4 GPUs with NCCL the step with compiled glue (which holds the input shard and the output
+  all-gather) never came back (benchmarks/results/perf_flux.md, finding 1).
 - The top graph that calls the regions in order is an FX graph too (``RegionalModule.top``), so
   what runs can be printed like every other graph.
 
