@@ -115,7 +115,25 @@ class ParallelModule(torch.nn.Module):
         return self._forward_local(*args, **kwargs)
 
     def _forward_local(self, *args, **kwargs):
-        return self.build(*args, **kwargs).runner(*args, **kwargs)
+        runner = self.build(*args, **kwargs).runner
+        with sdpa_backend(self.plan.attention):
+            return runner(*args, **kwargs)
+
+
+def sdpa_backend(name: str):
+    """The context that makes SDPA use ``Plan.attention``'s kernel ("auto": torch's own choice).
+
+    It sets torch's SDPA backend flags, which ``F.scaled_dot_product_attention`` and ditpass's ring
+    attention (`ditpass.runtime.seq.sdpa_lse`) both follow."""
+    import contextlib
+
+    if name == "auto":
+        return contextlib.nullcontext()
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
 
 
 def _copy_graph(graph: torch.fx.Graph) -> torch.fx.Graph:

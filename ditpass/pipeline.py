@@ -47,6 +47,12 @@ def check_supported(plan: Plan) -> None:
         raise PlanError(
             f"pipefusion={plan.pipefusion}: PipeFusion is not built yet: set pipefusion=1 (and drop "
             f"patches); split the sequence with ulysses/ring and the batch with cfg/dp instead")
+    if plan.fastattn:
+        raise PlanError(f"fastattn={plan.fastattn!r}: DiTFastAttn is not built yet: leave fastattn unset")
+    if plan.overrides:
+        raise PlanError(
+            f"overrides={plan.overrides!r}: per-module overrides are validated, but no pass applies them yet; "
+            f"drop them and use the plan-wide fields (e.g. attention={plan.attention!r})")
 
 
 def is_pipeline(obj: Any) -> bool:

@@ -115,36 +115,44 @@ def _additive(mask, dtype):
 def sdpa_lse(q, k, v, scale=None, mask=None):
     """Attention output and its log-sum-exp per query (float32), from a fused kernel where one exists.
 
-    A query whose keys are all masked gets output 0 and lse -inf, so merging ignores it."""
-    if mask is not None:
-        mask = _additive(mask, q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2])
-        s = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
-        s = s + mask.float()
-        lse = s.logsumexp(-1)
-        p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
-        return (p @ v.float()).to(q.dtype), lse
+    Follows torch's SDPA backend flags (``torch.nn.attention.sdpa_kernel``, set by ``Plan.attention``):
+    a fused kernel only where its flag is on, else the math path. A query whose keys are all masked
+    gets output 0 and lse -inf, so merging ignores it."""
+    flags = torch.backends.cuda
+    if mask is not None or not (flags.flash_sdp_enabled() or flags.cudnn_sdp_enabled()
+                                or flags.mem_efficient_sdp_enabled()):
+        return _math_lse(q, k, v, scale, mask)
     if q.device.type == "cuda":
-        if q.dtype in (torch.float16, torch.bfloat16):
-            # cuDNN's kernel runs about twice as fast as FlashAttention-2 on Hopper (measured:
-            # benchmarks/results/sp_flux.md); flash where cuDNN refuses the shape or the GPU
+        half = q.dtype in (torch.float16, torch.bfloat16)
+        # cuDNN's kernel runs about twice as fast as FlashAttention-2 on Hopper (measured:
+        # benchmarks/results/sp_flux.md); flash where cuDNN refuses the shape or the GPU
+        if half and flags.cudnn_sdp_enabled():
             try:
                 out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
                     q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
                 return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2])
             except RuntimeError:
                 pass
-            out, lse = torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
-        else:
+        if half and flags.flash_sdp_enabled():
+            return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
+        if flags.mem_efficient_sdp_enabled():
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
                                                                              scale=scale)[:2]
-            lse = lse[..., : q.shape[-2]]
-        return out, lse
-    if q.device.type == "cpu":
+            return out, lse[..., : q.shape[-2]]
+    if q.device.type == "cpu" and flags.flash_sdp_enabled():
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return out, lse
+    return _math_lse(q, k, v, scale, mask)
+
+
+def _math_lse(q, k, v, scale=None, mask=None):
+    """Attention and its log-sum-exp in float32 from plain matmuls (masks, and ``Plan.attention='math'``)."""
     s = (q.float() @ k.float().transpose(-1, -2)) * (scale if scale is not None else q.shape[-1] ** -0.5)
+    if mask is not None:
+        s = s + _additive(mask, q.dtype).expand(q.shape[0], q.shape[1], q.shape[2], k.shape[2]).float()
     lse = s.logsumexp(-1)
-    return (torch.softmax(s, -1) @ v.float()).to(q.dtype), lse
+    p = torch.exp(s - lse.unsqueeze(-1)).nan_to_num(0.0)
+    return (p @ v.float()).to(q.dtype), lse
 
 
 def merge_lse(out, lse, out_j, lse_j):

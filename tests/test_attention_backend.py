@@ -1,0 +1,58 @@
+"""Plan.attention picks the SDPA kernel, for F.scaled_dot_product_attention and for ring attention."""
+from __future__ import annotations
+
+import pytest
+import torch
+
+import ditpass
+from ditpass.api import sdpa_backend
+from ditpass.plan import PlanError
+from ditpass.runtime import seq
+
+from dist_utils import run_distributed
+from tiny_models import tiny_flux
+
+_STATE: dict = {}
+
+
+def _ring(rank, world, attention):
+    model, inputs, ref = _STATE["model"], _STATE["inputs"], _STATE["ref"]
+    calls = []
+    math_lse = seq._math_lse
+    seq._math_lse = lambda *a, **k: calls.append(1) or math_lse(*a, **k)  # the graph calls it by module global
+    try:
+        with torch.no_grad():
+            out = ditpass.parallelize(model, ditpass.Plan(ring=2, attention=attention))(**inputs)[0]
+    finally:
+        seq._math_lse = math_lse
+    return float((out - ref).abs().max()), len(calls)
+
+
+def test_ring_attention_follows_the_plan():
+    model, inputs = tiny_flux()
+    with torch.no_grad():
+        ref = model(**inputs)[0]
+    ditpass.capture(model, **inputs)
+    _STATE.update(model=model, inputs=inputs, ref=ref)
+    for attention, math_used in (("math", True), ("auto", False)):
+        for diff, calls in run_distributed(_ring, 2, attention, timeout=600, start_method="fork"):
+            assert diff <= 1e-4
+            assert (calls > 0) == math_used, (attention, calls)
+
+
+def test_context_sets_torch_flags():
+    flags = torch.backends.cuda
+    with sdpa_backend("math"):
+        assert flags.math_sdp_enabled() and not flags.flash_sdp_enabled() and not flags.cudnn_sdp_enabled()
+    with sdpa_backend("flash"):
+        assert flags.flash_sdp_enabled() and not flags.math_sdp_enabled()
+    with sdpa_backend("auto"):
+        assert flags.flash_sdp_enabled() and flags.math_sdp_enabled()
+
+
+def test_fields_without_a_pass_are_clear_errors():
+    model = torch.nn.Linear(2, 2)
+    with pytest.raises(PlanError, match="overrides are validated, but no pass applies them"):
+        ditpass.parallelize(model, ditpass.Plan(overrides=(("*", {"attention": "math"}),)))
+    with pytest.raises(PlanError, match="DiTFastAttn is not built yet"):
+        ditpass.parallelize(model, ditpass.Plan(fastattn=True))
