@@ -233,11 +233,13 @@ def plot(recs, path: Path, run=None):
         if fl and max(r["floor_ms"] * r["gpus"] for r in fl) > 1e-2 * min(r["step_ms_median"] for r in prs):
             f1 = fl[0]["floor_ms"] * fl[0]["gpus"]
             gs = gpus_all or [1]
-            ax.plot(gs, [f1 / g for g in gs], "k--", linewidth=1, label="compute floor")
+            ax.plot(gs, [f1 / g for g in gs], "k--", linewidth=1, marker="_", markersize=14, label="compute floor")
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
+        lo, hi = ax.get_ylim()
+        dense = hi / lo < 10  # less than a decade shown: label every minor tick, or none would be labelled
         ax.yaxis.set_major_formatter(FuncFormatter(lambda y, _: f"{y:g}"))
-        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if f"{y:g}"[0] in "25" else ""))
+        ax.yaxis.set_minor_formatter(FuncFormatter(lambda y, _: f"{y:g}" if dense or f"{y:g}"[0] in "25" else ""))
         ax.set_xticks(gpus_all)
         ax.set_xticklabels([str(g) for g in gpus_all])
         ax.set_xlabel("GPUs")
