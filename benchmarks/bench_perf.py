@@ -99,7 +99,8 @@ from pathlib import Path
 T0 = time.time()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
-from bench_sp import REPO, default_plans, git_commit, import_ditpass, plan_fields, plan_name  # noqa: E402
+from bench_sp import (REPO, build_flux, default_plans, flux_inputs, git_commit, import_ditpass,  # noqa: E402
+                      plan_fields, plan_name, same_weights_everywhere)
 
 KINDS = ("ref", "ditpass-inductor", "diffusers-compiled", "ditpass-eager", "diffusers-cp", "xdit")
 VIDEO_KINDS = ("ref", "ditpass-inductor", "ditpass-eager", "diffusers-cp")
@@ -282,7 +283,6 @@ def main():
         run_id = ids[0]
 
     import diffusers
-    from diffusers import FluxTransformer2DModel
 
     ditpass = import_ditpass()
 
@@ -690,59 +690,19 @@ def main():
         free()
 
     # -------------------------------------------------------------------------------- FLUX
-    def build_flux():
-        torch.manual_seed(0)
+    def build_base_flux():
         t0 = time.time()
-        if tiny:
-            cfg = dict(num_layers=a.layers or 2, num_single_layers=a.single or 2, attention_head_dim=16,
-                       num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, in_channels=16,
-                       guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-        else:
-            cfg = dict(num_layers=a.layers or 19, num_single_layers=a.single or 38, guidance_embeds=True)
-        prev = torch.get_default_dtype()
-        torch.set_default_dtype(dtype)
-        with dev:
-            model = FluxTransformer2DModel(**cfg).eval()
-        torch.set_default_dtype(prev)
-        model.set_attention_backend(a.attn_backend)
-        if distributed and world > 1:  # the same seed gives the same weights: check, broadcast if not
-            with torch.no_grad():
-                sig = torch.stack([p.float().sum() for p in list(model.parameters())[::7]]).double()
-            lo, hi = sig.clone(), sig.clone()
-            dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-            dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-            if not torch.equal(lo, hi):
-                log("weights differ across ranks: broadcasting rank 0's")
-                with torch.no_grad():
-                    for p in model.parameters():
-                        dist.broadcast(p.data, src=0)
+        model = build_flux(dev, dtype, tiny, a.layers, a.single, a.attn_backend)
+        same_weights_everywhere(model, log)
         n_params = sum(p.numel() for p in model.parameters())
         log(f"run {run_id}: world={world} {env['card']} torch {env['torch']} diffusers {env['diffusers']} "
             f"ditpass {env['ditpass_commit']}; FLUX {n_params / 1e9:.2f} B params built in {time.time() - t0:.1f} s")
         return model
 
-    def flux_inputs(model, res):
-        in_ch, jdim, pdim = model.config.in_channels, model.config.joint_attention_dim, \
-            model.config.pooled_projection_dim
-        lat = res // 16  # vae /8, pack 2x2
-        g = torch.Generator(device=dev).manual_seed(1)
-        kw = dict(
-            hidden_states=torch.randn(1, lat * lat, in_ch, device=dev, dtype=dtype, generator=g),
-            encoder_hidden_states=torch.randn(1, n_txt, jdim, device=dev, dtype=dtype, generator=g),
-            pooled_projections=torch.randn(1, pdim, device=dev, dtype=dtype, generator=g),
-            timestep=torch.tensor([0.5], device=dev, dtype=dtype),
-            guidance=torch.tensor([3.5], device=dev, dtype=dtype),
-            img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(lat).float(), torch.arange(lat).float(),
-                                               indexing="ij"), -1).reshape(-1, 3).to(dev),
-            txt_ids=torch.zeros(n_txt, 3, device=dev),
-            return_dict=False,
-        )
-        if distributed and world > 1:
-            for v in kw.values():
-                if isinstance(v, torch.Tensor):
-                    dist.broadcast(v, src=0)
-        geo = dict(height=res, width=res, img_tokens=lat * lat, txt_tokens=n_txt, tokens=lat * lat + n_txt)
-        return kw, geo
+    def flux_inputs_geo(model, res):
+        kw = flux_inputs(model, res, n_txt, dev, dtype)
+        n_img = kw["hidden_states"].shape[1]
+        return kw, dict(height=res, width=res, img_tokens=n_img, txt_tokens=n_txt, tokens=n_img + n_txt)
 
     def flux_tasks():
         """(kind, res, callable) in priority order."""
@@ -790,9 +750,9 @@ def main():
     if why:
         log(f"FLUX: nothing run ({why})")
     else:
-        base = build_flux()
+        base = build_base_flux()
         ctx.update(model="FLUX.1-dev", base=base, refs={}, views={},
-                   inputs=lambda r: flux_inputs(base, r),
+                   inputs=lambda r: flux_inputs_geo(base, r),
                    flops=lambda geo: flux_flops(geo["img_tokens"], geo["txt_tokens"],
                                                 d=base.config.num_attention_heads * base.config.attention_head_dim,
                                                 n_double=base.config.num_layers,

@@ -126,6 +126,78 @@ def git_commit() -> str:
         return "unknown"
 
 
+# ---------------------------------------------------------------- FLUX model and inputs (shared by the scripts)
+TINY_FLUX = dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
+                 joint_attention_dim=32, pooled_projection_dim=32, in_channels=16, guidance_embeds=True,
+                 axes_dims_rope=(4, 6, 6))
+
+
+def build_flux(dev, dtype, tiny: bool = False, layers=None, single=None, attn_backend: str = "native"):
+    """``FluxTransformer2DModel`` with the FLUX.1-dev shape (or the tiny CPU config), random weights from
+    seed 0, built directly on ``dev`` in ``dtype``, in eval mode."""
+    import torch
+    from diffusers import FluxTransformer2DModel
+
+    torch.manual_seed(0)
+    cfg = dict(TINY_FLUX) if tiny else dict(num_layers=19, num_single_layers=38, guidance_embeds=True)
+    cfg.update({k: v for k, v in (("num_layers", layers), ("num_single_layers", single)) if v})
+    prev = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    try:
+        with dev:
+            model = FluxTransformer2DModel(**cfg).eval()
+    finally:
+        torch.set_default_dtype(prev)
+    model.set_attention_backend(attn_backend)
+    return model
+
+
+def same_weights_everywhere(model, log=print) -> None:
+    """The same seed gives the same weights on every rank: check it (cheap), broadcast rank 0's if not."""
+    import torch
+    import torch.distributed as dist
+
+    if not dist.is_initialized() or dist.get_world_size() == 1:
+        return
+    with torch.no_grad():
+        sig = torch.stack([p.float().sum() for p in list(model.parameters())[::7]]).double()
+    lo, hi = sig.clone(), sig.clone()
+    dist.all_reduce(lo, op=dist.ReduceOp.MIN)
+    dist.all_reduce(hi, op=dist.ReduceOp.MAX)
+    if not torch.equal(lo, hi):
+        log("weights differ across ranks: broadcasting rank 0's")
+        with torch.no_grad():
+            for p in model.parameters():
+                dist.broadcast(p.data, src=0)
+
+
+def flux_inputs(model, res: int, n_txt: int, dev, dtype) -> dict:
+    """FLUX forward inputs at ``res`` pixels (packed latents, ``res // 16`` per side), seed 1; broadcast
+    from rank 0 when distributed, so every rank passes the same full inputs."""
+    import torch
+    import torch.distributed as dist
+
+    c = model.config
+    lat = res // 16  # vae /8, pack 2x2
+    g = torch.Generator(device=dev).manual_seed(1)
+    kw = dict(
+        hidden_states=torch.randn(1, lat * lat, c.in_channels, device=dev, dtype=dtype, generator=g),
+        encoder_hidden_states=torch.randn(1, n_txt, c.joint_attention_dim, device=dev, dtype=dtype, generator=g),
+        pooled_projections=torch.randn(1, c.pooled_projection_dim, device=dev, dtype=dtype, generator=g),
+        timestep=torch.tensor([0.5], device=dev, dtype=dtype),
+        guidance=torch.tensor([3.5], device=dev, dtype=dtype),
+        img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(lat).float(), torch.arange(lat).float(),
+                                           indexing="ij"), -1).reshape(-1, 3).to(dev),
+        txt_ids=torch.zeros(n_txt, 3, device=dev),
+        return_dict=False,
+    )
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        for v in kw.values():
+            if isinstance(v, torch.Tensor):
+                dist.broadcast(v, src=0)
+    return kw
+
+
 def main():
     a = parse_args()
     import torch
@@ -173,7 +245,6 @@ def main():
         run_id = ids[0]
 
     import diffusers
-    from diffusers import FluxTransformer2DModel
 
     ditpass = import_ditpass()
 
@@ -204,59 +275,16 @@ def main():
                 f.write(line + "\n")
 
     # ---------------------------------------------------------------- model (random weights)
-    torch.manual_seed(0)
     t0 = time.time()
-    if tiny:
-        cfg = dict(num_layers=a.layers or 2, num_single_layers=a.single or 2, attention_head_dim=16,
-                   num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, in_channels=16,
-                   guidance_embeds=True, axes_dims_rope=(4, 6, 6))
-    else:
-        cfg = dict(num_layers=a.layers or 19, num_single_layers=a.single or 38, guidance_embeds=True)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with dev:
-        model = FluxTransformer2DModel(**cfg).eval()
-    torch.set_default_dtype(prev)
-    model.set_attention_backend(a.attn_backend)
+    model = build_flux(dev, dtype, tiny, a.layers, a.single, a.attn_backend)
     init_s = time.time() - t0
     n_params = sum(p.numel() for p in model.parameters())
-    # the same seed gives the same weights on every rank; check it (cheap), broadcast if not
-    if world > 1:
-        with torch.no_grad():
-            sig = torch.stack([p.float().sum() for p in list(model.parameters())[::7]]).double()
-        lo, hi = sig.clone(), sig.clone()
-        dist.all_reduce(lo, op=dist.ReduceOp.MIN)
-        dist.all_reduce(hi, op=dist.ReduceOp.MAX)
-        if not torch.equal(lo, hi):
-            log("weights differ across ranks: broadcasting rank 0's")
-            with torch.no_grad():
-                for p in model.parameters():
-                    dist.broadcast(p.data, src=0)
+    same_weights_everywhere(model, log)
     log(f"run {run_id}: world={world} {env['card']} torch {env['torch']} diffusers {env['diffusers']} "
         f"ditpass {env['ditpass_commit']}; model {n_params / 1e9:.2f} B params built in {init_s:.1f} s")
 
-    in_ch, jdim, pdim = model.config.in_channels, model.config.joint_attention_dim, model.config.pooled_projection_dim
-
     def make_inputs(res: int) -> dict:
-        lat = res // 16  # vae /8, pack 2x2
-        n_img = lat * lat
-        g = torch.Generator(device=dev).manual_seed(1)
-        kw = dict(
-            hidden_states=torch.randn(1, n_img, in_ch, device=dev, dtype=dtype, generator=g),
-            encoder_hidden_states=torch.randn(1, n_txt, jdim, device=dev, dtype=dtype, generator=g),
-            pooled_projections=torch.randn(1, pdim, device=dev, dtype=dtype, generator=g),
-            timestep=torch.tensor([0.5], device=dev, dtype=dtype),
-            guidance=torch.tensor([3.5], device=dev, dtype=dtype),
-            img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(lat).float(), torch.arange(lat).float(),
-                                               indexing="ij"), -1).reshape(-1, 3).to(dev),
-            txt_ids=torch.zeros(n_txt, 3, device=dev),
-            return_dict=False,
-        )
-        if world > 1:  # every rank passes the same full inputs
-            for v in kw.values():
-                if isinstance(v, torch.Tensor):
-                    dist.broadcast(v, src=0)
-        return kw
+        return flux_inputs(model, res, n_txt, dev, dtype)
 
     def measure(fn, kw):
         """2 warm-ups, then a.iters timed forwards; returns (output, times_ms, peak_gib)."""

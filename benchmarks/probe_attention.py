@@ -117,28 +117,12 @@ def probe_attention(res_list):
 
 
 def probe_host(res_list):
-    from bench_sp import import_ditpass
+    from bench_sp import build_flux, flux_inputs, import_ditpass
 
     ditpass = import_ditpass()
-    from diffusers import FluxTransformer2DModel
-
-    torch.manual_seed(0)
-    torch.set_default_dtype(torch.bfloat16)
-    with torch.device("cuda"):
-        model = FluxTransformer2DModel(guidance_embeds=True).eval()
-    torch.set_default_dtype(torch.float32)
-    model.set_attention_backend("native")
+    model = build_flux(torch.device("cuda"), torch.bfloat16)
     for res in res_list:
-        lat = res // 16
-        dev, dt = "cuda", torch.bfloat16
-        g = torch.Generator(device=dev).manual_seed(1)
-        kw = dict(hidden_states=torch.randn(1, lat * lat, 64, device=dev, dtype=dt, generator=g),
-                  encoder_hidden_states=torch.randn(1, 512, 4096, device=dev, dtype=dt, generator=g),
-                  pooled_projections=torch.randn(1, 768, device=dev, dtype=dt, generator=g),
-                  timestep=torch.tensor([0.5], device=dev, dtype=dt), guidance=torch.tensor([3.5], device=dev, dtype=dt),
-                  img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(lat).float(),
-                                                     torch.arange(lat).float(), indexing="ij"), -1).reshape(-1, 3).to(dev),
-                  txt_ids=torch.zeros(512, 3, device=dev), return_dict=False)
+        kw = flux_inputs(model, res, 512, "cuda", torch.bfloat16)
         t0 = time.time()
         cap = ditpass.capture(model, **kw)
         cap_s = time.time() - t0

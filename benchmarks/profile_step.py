@@ -20,7 +20,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sp import import_ditpass, plan_fields  # noqa: E402
+from bench_sp import build_flux, flux_inputs, import_ditpass, plan_fields, same_weights_everywhere  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("nccl", r"nccl"),
@@ -50,7 +50,7 @@ def main():
 
     import torch
     import torch.distributed as dist
-    from diffusers import ContextParallelConfig, FluxTransformer2DModel, ParallelConfig
+    from diffusers import ContextParallelConfig, ParallelConfig
 
     world, rank, lr = int(os.environ["WORLD_SIZE"]), int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"])
     dev = torch.device("cuda", lr)
@@ -60,28 +60,9 @@ def main():
     out_dir = Path(os.environ.get("OUT") or "benchmarks/results/raw")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    torch.manual_seed(0)
-    prev = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
-    with dev:
-        model = FluxTransformer2DModel(num_layers=19, num_single_layers=38, guidance_embeds=True).eval()
-    torch.set_default_dtype(prev)
-    model.set_attention_backend("native")
-    for q in model.parameters():  # identical weights everywhere
-        dist.broadcast(q.data, 0)
-    lat = a.res // 16
-    g = torch.Generator(device=dev).manual_seed(1)
-    kw = dict(hidden_states=torch.randn(1, lat * lat, 64, device=dev, dtype=torch.bfloat16, generator=g),
-              encoder_hidden_states=torch.randn(1, a.txt, 4096, device=dev, dtype=torch.bfloat16, generator=g),
-              pooled_projections=torch.randn(1, 768, device=dev, dtype=torch.bfloat16, generator=g),
-              timestep=torch.tensor([0.5], device=dev, dtype=torch.bfloat16),
-              guidance=torch.tensor([3.5], device=dev, dtype=torch.bfloat16),
-              img_ids=torch.stack(torch.meshgrid(torch.zeros(1), torch.arange(lat).float(),
-                                                 torch.arange(lat).float(), indexing="ij"), -1).reshape(-1, 3).to(dev),
-              txt_ids=torch.zeros(a.txt, 3, device=dev), return_dict=False)
-    for v in kw.values():
-        if isinstance(v, torch.Tensor):
-            dist.broadcast(v, 0)
+    model = build_flux(dev, torch.bfloat16)
+    same_weights_everywhere(model)
+    kw = flux_inputs(model, a.res, a.txt, dev, torch.bfloat16)
 
     fields = plan_fields(a.plan)
     for system in a.systems.split(","):
