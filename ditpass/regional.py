@@ -27,7 +27,6 @@ from __future__ import annotations
 
 import operator
 from dataclasses import dataclass, field
-from typing import Any
 
 import torch
 import torch.fx
@@ -126,7 +125,7 @@ def regions_of(graph: torch.fx.Graph, root: torch.nn.Module | None = None) -> li
                 seen.add(a)
                 if a.op != "get_attr":
                     r.inputs.append(a)
-                elif root is not None and not isinstance(_attr(root, a.target), torch.Tensor):
+                elif root is not None and not isinstance(operator.attrgetter(a.target)(root), torch.Tensor):
                     r.mods.append(a)
                 else:
                     r.params.append(a)
@@ -134,39 +133,29 @@ def regions_of(graph: torch.fx.Graph, root: torch.nn.Module | None = None) -> li
     return regions
 
 
-def _const_key(v: Any):
-    if isinstance(v, torch.fx.Node):
-        raise TypeError
-    if isinstance(v, (list, tuple)):
-        return (type(v).__name__, tuple(_const_key(x) for x in v))
-    if isinstance(v, dict):
-        return tuple(sorted((k, _const_key(x)) for k, x in v.items()))
-    if isinstance(v, torch.Tensor):
-        return ("tensor", tuple(v.shape), str(v.dtype), v.data_ptr())
-    return (type(v).__name__, repr(v))
-
-
 def _structure_key(r: Region, gm: torch.fx.GraphModule) -> tuple:
     """Equal keys mean the region graphs are the same function of (weights, inputs)."""
     index: dict[torch.fx.Node, tuple] = {}
     for i, p in enumerate(r.params):
-        t = _attr(gm, p.target)
+        t = operator.attrgetter(p.target)(gm)
         index[p] = ("param", i, tuple(t.shape), str(t.dtype))
     for i, a in enumerate(r.inputs):
         index[a] = ("input", i)
     for i, m in enumerate(r.mods):
-        sub = _attr(gm, m.target)
+        sub = operator.attrgetter(m.target)(gm)
         index[m] = ("module", i, type(sub).__name__, sub.code if isinstance(sub, torch.fx.GraphModule) else id(sub))
     out = []
 
-    def ref(v):
+    def ref(v):  # nodes by their place in the region, constants by value
         if isinstance(v, torch.fx.Node):
             return index[v]
         if isinstance(v, (list, tuple)):
             return (type(v).__name__, tuple(ref(x) for x in v))
         if isinstance(v, dict):
             return tuple(sorted((k, ref(x)) for k, x in v.items()))
-        return _const_key(v)
+        if isinstance(v, torch.Tensor):
+            return ("tensor", tuple(v.shape), str(v.dtype), v.data_ptr())
+        return (type(v).__name__, repr(v))
 
     for j, n in enumerate(r.nodes):
         index[n] = ("node", j)
@@ -177,19 +166,12 @@ def _structure_key(r: Region, gm: torch.fx.GraphModule) -> tuple:
     return tuple(out)
 
 
-def _attr(gm: torch.nn.Module, qualname: str):
-    obj = gm
-    for part in qualname.split("."):
-        obj = getattr(obj, part)
-    return obj
-
-
 def _region_graph(r: Region, gm: torch.fx.GraphModule) -> torch.fx.GraphModule:
     g = torch.fx.Graph()
     root = torch.nn.Module()
     env: dict[torch.fx.Node, torch.fx.Node] = {}
     for i, m in enumerate(r.mods):  # submodules stay attributes (the graph calls them by name)
-        root.add_module(f"sub{i}", _attr(gm, m.target))
+        root.add_module(f"sub{i}", operator.attrgetter(m.target)(gm))
         env[m] = g.get_attr(f"sub{i}")
     for i, p in enumerate(r.params):
         env[p] = g.placeholder(f"w{i}")
@@ -242,7 +224,7 @@ class RegionalModule(torch.nn.Module):
                 self.templates[name] = {"graph": graph, "fn": fn, "regions": [], "compiled": bool(r.block)}
             r.template = name
             self.templates[name]["regions"].append(r.name)
-            weights = [_attr(gm, p.target).detach() for p in r.params]
+            weights = [operator.attrgetter(p.target)(gm).detach() for p in r.params]
             calls[r.name] = _Call(f"{r.name}__{name}", self.templates[name]["fn"], weights)
         # the top graph: placeholders, one call per region, getitems, the original output
         top = torch.fx.Graph()
@@ -267,7 +249,8 @@ class RegionalModule(torch.nn.Module):
         return self.top(*args, **kwargs)
 
     def describe(self) -> str:
-        lines = [f"{len(self.regions)} regions, {len(self.templates)} compiled templates"]
+        compiled = sum(t["compiled"] for t in self.templates.values())
+        lines = [f"{len(self.regions)} regions, {len(self.templates)} templates ({compiled} compiled)"]
         for name, t in self.templates.items():
             nodes = len([n for n in t["graph"].graph.nodes if n.op == "call_function"])
             lines.append(f"  {name}: {len(t['regions'])} region(s), {nodes} ops, "
