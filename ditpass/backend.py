@@ -3,7 +3,7 @@
 - ``eager``: the GraphModule itself.
 - ``inductor``: ``torch.compile(fullgraph=True)`` region by region (`ditpass.regional`): each
   distinct transformer block is compiled once and reused for every block of its kind; the glue
-  between blocks is compiled too. The inserted collectives are functional collectives and plain
+  between blocks runs eagerly. The inserted collectives are functional collectives and plain
   torch, so no region has a graph break; a break is an error.
 - ``onediff`` / ``nexfort``: used where installed; otherwise an error that says what to install.
 """

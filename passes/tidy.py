@@ -15,23 +15,19 @@ from __future__ import annotations
 import torch
 import torch.fx
 
+from ditpass.analysis.symbolic import node_val
 from ditpass.pass_base import GraphPass, PassContext, PassResult
 
 aten = torch.ops.aten
 
-_ASSERTS = {getattr(aten, "_assert_tensor_metadata", None)}
-_ASSERTS = {op.default for op in _ASSERTS if op is not None}
+_ASSERTS = {aten._assert_tensor_metadata.default}
 _TO = {aten.to.dtype, aten.to.dtype_layout}
 _DROPOUT = {aten.dropout.default}
 
 
-def _val(node):
-    return node.meta.get("val") if isinstance(node, torch.fx.Node) else None
-
-
 def _noop_to(node: torch.fx.Node) -> bool:
     x = node.args[0] if node.args else None
-    v = _val(x)
+    v = node_val(x) if isinstance(x, torch.fx.Node) else None
     if not isinstance(v, torch.Tensor):
         return False
     if node.kwargs.get("copy") or (node.target is aten.to.dtype and len(node.args) > 3 and node.args[3]):
