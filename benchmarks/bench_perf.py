@@ -81,7 +81,6 @@ Compute floor (FLUX, ``flux_flops``): see that function. The floor is FLOPs / (`
 from __future__ import annotations
 
 import argparse
-import datetime
 import gc
 import importlib.metadata
 import importlib.util
@@ -93,14 +92,13 @@ import sys
 import threading
 import time
 import traceback
-import uuid
 from pathlib import Path
 
 T0 = time.time()
 HERE = Path(__file__).resolve().parent
 sys.path.insert(0, str(HERE))
 from bench_sp import (REPO, build_flux, default_plans, flux_inputs, git_commit, import_ditpass,  # noqa: E402
-                      plan_fields, plan_name, same_weights_everywhere)
+                      plan_fields, plan_name, same_weights_everywhere, setup_process, shared_run_id)
 
 KINDS = ("ref", "ditpass-inductor", "diffusers-compiled", "ditpass-eager", "diffusers-cp", "xdit")
 VIDEO_KINDS = ("ref", "ditpass-inductor", "ditpass-eager", "diffusers-cp")
@@ -231,20 +229,9 @@ def main():
     import torch
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
-    tiny = a.tiny
-    if tiny:
-        dev, dtype, backend = torch.device("cpu"), torch.float32, "gloo"
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(world, 1)))
-    else:
-        torch.cuda.set_device(local_rank)  # before anything probes the device (xfuser does at import)
-        dev, dtype, backend = torch.device("cuda", local_rank), torch.bfloat16, "nccl"
     # a group even for one process: ditpass and xfuser then see the same world as everything else
-    if "MASTER_ADDR" in os.environ:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=a.pg_timeout),
-                                device_id=dev if dev.type == "cuda" else None)
+    world, rank, dev, dtype = setup_process(a.tiny, a.pg_timeout, group_for_one=True)
+    tiny = a.tiny
     distributed = dist.is_initialized()
     est_scale = a.est_scale if a.est_scale is not None else (0.0 if tiny else 1.0)
     deadline_abs = min(T0 + a.deadline, a.deadline_at or float("inf"))
@@ -275,12 +262,7 @@ def main():
         if rank == 0:
             print(f"[{time.strftime('%H:%M:%S')} +{time.time() - T0:.0f}s]", *msg, flush=True)
 
-    run_id = a.run_id
-    if run_id is None:
-        ids = [time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]]
-        if distributed and world > 1:
-            dist.broadcast_object_list(ids, src=0)
-        run_id = ids[0]
+    run_id = shared_run_id(a.run_id)
 
     import diffusers
 

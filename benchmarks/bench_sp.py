@@ -126,6 +126,42 @@ def git_commit() -> str:
         return "unknown"
 
 
+# ---------------------------------------------------------------- process setup (shared by the scripts)
+def setup_process(tiny: bool, pg_timeout: float, group_for_one: bool = False):
+    """(world, rank, device, dtype) of this torchrun process, with the process group initialised:
+    tiny = CPU, gloo, float32 (threads split between the ranks); else this rank's GPU, NCCL, bf16.
+    ``group_for_one``: a group even for a single process (when torchrun started it)."""
+    import torch
+    import torch.distributed as dist
+
+    world = int(os.environ.get("WORLD_SIZE", "1"))
+    rank = int(os.environ.get("RANK", "0"))
+    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    if tiny:
+        dev, dtype, backend = torch.device("cpu"), torch.float32, "gloo"
+        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(world, 1)))
+    else:
+        torch.cuda.set_device(local_rank)  # before anything probes the device (xfuser does at import)
+        dev, dtype, backend = torch.device("cuda", local_rank), torch.bfloat16, "nccl"
+    if world > 1 or (group_for_one and "MASTER_ADDR" in os.environ):
+        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=pg_timeout),
+                                device_id=dev if dev.type == "cuda" else None)
+    return world, rank, dev, dtype
+
+
+def shared_run_id(run_id: str | None) -> str:
+    """``run_id`` if given (``BENCH_RUN_ID``: several world sizes of one run), else a new one, the same
+    on every rank."""
+    import torch.distributed as dist
+
+    if run_id is not None:
+        return run_id
+    ids = [time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]]
+    if dist.is_initialized() and dist.get_world_size() > 1:
+        dist.broadcast_object_list(ids, src=0)
+    return ids[0]
+
+
 # ---------------------------------------------------------------- FLUX model and inputs (shared by the scripts)
 TINY_FLUX = dict(num_layers=2, num_single_layers=2, attention_head_dim=16, num_attention_heads=4,
                  joint_attention_dim=32, pooled_projection_dim=32, in_channels=16, guidance_embeds=True,
@@ -203,19 +239,8 @@ def main():
     import torch
     import torch.distributed as dist
 
-    world = int(os.environ.get("WORLD_SIZE", "1"))
-    rank = int(os.environ.get("RANK", "0"))
-    local_rank = int(os.environ.get("LOCAL_RANK", "0"))
+    world, rank, dev, dtype = setup_process(a.tiny, a.pg_timeout)
     tiny = a.tiny
-    if tiny:
-        dev, dtype, backend = torch.device("cpu"), torch.float32, "gloo"
-        torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(world, 1)))
-    else:
-        torch.cuda.set_device(local_rank)
-        dev, dtype, backend = torch.device("cuda", local_rank), torch.bfloat16, "nccl"
-    if world > 1:
-        dist.init_process_group(backend, timeout=datetime.timedelta(seconds=a.pg_timeout),
-                                device_id=dev if dev.type == "cuda" else None)
 
     def barrier():
         if world > 1:
@@ -237,12 +262,7 @@ def main():
             print(f"[{time.strftime('%H:%M:%S')}]", *msg, flush=True)
 
     # run id shared by all ranks (and, through BENCH_RUN_ID, by several world sizes of one run)
-    run_id = a.run_id
-    if run_id is None:
-        ids = [time.strftime("%Y%m%dT%H%M%S") + "-" + uuid.uuid4().hex[:6]]
-        if world > 1:
-            dist.broadcast_object_list(ids, src=0)
-        run_id = ids[0]
+    run_id = shared_run_id(a.run_id)
 
     import diffusers
 

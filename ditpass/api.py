@@ -7,11 +7,13 @@ step's result is in ``.ditpass_records`` for `ditpass.explain`.
 """
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass, field
 from typing import Any
 
 import torch
 import torch.distributed as dist
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .analysis import analyze
 from .capture import capture, signature_of
@@ -125,12 +127,8 @@ def sdpa_backend(name: str):
 
     It sets torch's SDPA backend flags, which ``F.scaled_dot_product_attention`` and ditpass's ring
     attention (`ditpass.runtime.seq.sdpa_lse`) both follow."""
-    import contextlib
-
     if name == "auto":
         return contextlib.nullcontext()
-    from torch.nn.attention import SDPBackend, sdpa_kernel
-
     backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
                "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
     return sdpa_kernel(backend)
