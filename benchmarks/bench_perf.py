@@ -164,6 +164,9 @@ def parse_args():
     p.add_argument("--order", choices=("res", "kind"), default="kind",
                    help="kind (default): each kind at every resolution, in the priority order, before the next "
                         "kind; res: every kind at one resolution, then the next resolution")
+    p.add_argument("--diffusers-modes", default="default",
+                   help="torch.compile modes for diffusers' compile_repeated_blocks, e.g. default,reduce-overhead "
+                        "(CUDA graphs per block)")
     p.add_argument("--single-compiled", action="store_true",
                    help="world > 1: also diffusers single GPU regional compile (default: world 1 only)")
     p.add_argument("--video", action="store_true", help="also Wan2.1-1.3B (WanTransformer3DModel, zoo 'full')")
@@ -192,11 +195,25 @@ def parse_args():
     return p.parse_args()
 
 
+PLAN_FLAGS = {"g": "cuda_graphs", "f": "fuse_projections"}
+
+
 def plan_spec_fields(spec: str) -> dict:
-    """``single`` / ``1`` / ``u1`` -> {} (Plan()); else bench_sp's ``u2r2`` syntax."""
-    if spec in ("single", "1", "u1", "r1", "u1r1"):
-        return {"ulysses": 1, "ring": 1}
-    return plan_fields(spec)
+    """``single`` / ``1`` / ``u1`` -> Plan(); else bench_sp's ``u2r2`` syntax. A ``+`` suffix turns on
+    plan flags: ``g`` cuda_graphs, ``f`` fuse_projections (``u2+fg``, ``single+g``)."""
+    spec, _, flags = spec.partition("+")
+    fields = {"ulysses": 1, "ring": 1} if spec in ("single", "1", "u1", "r1", "u1r1") else plan_fields(spec)
+    for ch in flags:
+        if ch not in PLAN_FLAGS:
+            raise SystemExit(f"bad plan flag {ch!r} in {spec}+{flags}: use {PLAN_FLAGS}")
+        fields[PLAN_FLAGS[ch]] = True
+    return fields
+
+
+def plan_label(fields: dict) -> str:
+    """``ulysses=2``, ``ulysses=2 +cuda_graphs``: the record's plan name."""
+    degrees = {k: fields[k] for k in ("ulysses", "ring")}
+    return " ".join([plan_name(degrees)] + [f"+{f}" for f in PLAN_FLAGS.values() if fields.get(f)])
 
 
 def load_zoo():
@@ -536,7 +553,7 @@ def main():
 
     def run_ditpass(res, kw, geo, spec, backend, video=False):
         fields = plan_spec_fields(spec)
-        name = plan_name(fields)
+        name = plan_label(fields)
         gpus = fields["ulysses"] * fields["ring"]
         holder = {}
 
@@ -586,23 +603,25 @@ def main():
     def cp_view():
         return get_view("cp", lambda: enable_cp(view_of(ctx["base"])))
 
-    def run_diffusers_compiled(res, kw, geo, single: bool):
+    def run_diffusers_compiled(res, kw, geo, single: bool, mode: str = "default"):
         name = "single" if single else f"ulysses={world}"
+        compile_ = "regional" if mode == "default" else f"regional-{mode}"
         holder = {}
 
         def fn():
             m = get_view("single", lambda: view_of(ctx["base"])) if single else cp_view()
             holder["m"] = m
             torch._dynamo.reset()
-            m.compile_repeated_blocks(fullgraph=True)
+            mode_kw = {} if mode == "default" else {"mode": mode}
+            m.compile_repeated_blocks(fullgraph=True, **mode_kw)
             out, fc = first_call(lambda: m(**kw)[0])
             out, ts, peak, host = timed(lambda: m(**kw)[0])
             return dict(out=out, ts=ts, peak=peak, host=host,
                         extra=dict(first_call_s=round(fc, 2),
-                                   compile_note="compile_repeated_blocks(fullgraph=True)"))
+                                   compile_note=f"compile_repeated_blocks(fullgraph=True{f', mode={mode!r}' if mode_kw else ''})"))
 
         try:
-            measure_task("diffusers", name, "regional", 1 if single else world, res, kw, geo, fn)
+            measure_task("diffusers", name, compile_, 1 if single else world, res, kw, geo, fn)
         finally:
             if "m" in holder:
                 uncompile(holder["m"])
@@ -627,7 +646,7 @@ def main():
 
     def run_xdit(res, kw, geo, spec):
         fields = plan_spec_fields(spec)
-        name = plan_name(fields)
+        name = plan_name({k: fields[k] for k in ("ulysses", "ring")})
         gpus = fields["ulysses"] * fields["ring"]
         extra = dict(xdit_packages=xdit_pkgs())
         extra["xfuser"] = extra["xdit_packages"]["xfuser"]
@@ -699,12 +718,13 @@ def main():
                     for spec in inductor_plans:
                         t.append(("ditpass-inductor", res, lambda r, s=spec, b=b: run_ditpass(r, *ctx["inputs"](r), s, b)))
             if "diffusers-compiled" in kinds:
-                if world == 1 or a.single_compiled:
-                    t.append(("diffusers-compiled", res,
-                              lambda r: run_diffusers_compiled(r, *ctx["inputs"](r), single=True)))
-                if world > 1:
-                    t.append(("diffusers-compiled", res,
-                              lambda r: run_diffusers_compiled(r, *ctx["inputs"](r), single=False)))
+                for mode in a.diffusers_modes.split(","):
+                    if world == 1 or a.single_compiled:
+                        t.append(("diffusers-compiled", res,
+                                  lambda r, m=mode: run_diffusers_compiled(r, *ctx["inputs"](r), single=True, mode=m)))
+                    if world > 1:
+                        t.append(("diffusers-compiled", res,
+                                  lambda r, m=mode: run_diffusers_compiled(r, *ctx["inputs"](r), single=False, mode=m)))
             if "ditpass-eager" in kinds and "eager" in backends:
                 for spec in plans:
                     t.append(("ditpass-eager", res, lambda r, s=spec: run_ditpass(r, *ctx["inputs"](r), s, "eager")))

@@ -49,14 +49,22 @@ def load(paths, run=None) -> list[dict]:
 
 
 def short_plan(plan: str) -> str:
-    """'ulysses=2 x ring=2' -> 'u2r2'; 'single' stays."""
+    """'ulysses=2 x ring=2' -> 'u2r2'; 'single' -> '1'; plan flags kept: 'ulysses=2 +cuda_graphs' -> 'u2+cg'."""
+    plan, *flags = plan.split(" +")
+    tail = "".join("+" + {"cuda_graphs": "cg", "fuse_projections": "fp"}.get(f, f) for f in flags)
     if plan == "single":
-        return "1"
+        return "1" + tail
     out = ""
     for part in plan.split(" x "):
         k, _, v = part.partition("=")
         out += {"ulysses": "u", "ring": "r"}.get(k, k) + v
-    return out
+    return out + tail
+
+
+def series(r) -> tuple:
+    """A plot line: system and compile, and the plan flags (CUDA graphs, fused projections)."""
+    flags = r["plan"].split(" +")[1:]
+    return (r["system"], " +".join([r["compile"], *flags]))
 
 
 def fmt(x, nd=1):
@@ -196,8 +204,8 @@ def plot(recs, path: Path, run=None):
     panels += sorted({(r["model"], r["res"]) for r in kept if r["model"] != "FLUX.1-dev"})
     if not panels:
         return None
-    series_names = sorted({(r["system"], r["compile"]) for r in kept},
-                          key=lambda s: (SYSTEM_ORDER.get(s[0], 9), COMPILE_ORDER.get(s[1], 5)))
+    series_names = sorted({series(r) for r in kept},
+                          key=lambda s: (SYSTEM_ORDER.get(s[0], 9), COMPILE_ORDER.get(s[1], 5), s[1]))
     cmap = plt.get_cmap("tab10")
     colors = {s: cmap(i % 10) for i, s in enumerate(series_names)}
     markers = {"eager": "o", "regional": "s", "inductor": "D"}
@@ -207,7 +215,7 @@ def plot(recs, path: Path, run=None):
         prs = [r for r in kept if r["model"] == model and r["res"] == res]
         gpus_all = sorted({r["gpus"] for r in prs})
         for i, s in enumerate(series_names):
-            pts = [r for r in prs if (r["system"], r["compile"]) == s]
+            pts = [r for r in prs if series(r) == s]
             jit = 1 + 0.025 * (i - (len(series_names) - 1) / 2)  # side by side, not on top of each other
             if not pts:
                 continue

@@ -107,6 +107,10 @@ class ParallelModule(torch.nn.Module):
         from .backend import compile_graph
 
         runner = compile_graph(gm, self.plan.compile) if captured.whole else captured
+        if self.plan.cuda_graphs:
+            from .cudagraph import GraphedStep
+
+            runner = GraphedStep(runner)
         rec = Record(sig, captured, analysis, results, gm, runner)
         self._records[sig] = rec
         return rec

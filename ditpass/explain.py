@@ -559,7 +559,7 @@ def _part_text(p: dict, condense: bool) -> str:
             if v:
                 out.append(f"  {k}: {json.dumps(v)[:400]}")
     if p.get("backend"):
-        out.append(_rule("backend: compiled regions"))
+        out.append(_rule("backend: how the rewritten graph runs"))
         out.extend(f"  {line}" for line in p["backend"].splitlines())
     for ps in p["passes"]:
         if ps.get("graph_code") and ps["modified"]:

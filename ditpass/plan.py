@@ -73,6 +73,12 @@ class Plan:
     compile: str = "eager"
     # SDPA kernel: "auto" lets torch choose, else "flash", "efficient", "cudnn" or "math"
     attention: str = "auto"
+    # merge the linear layers of one block that read the same input (q/k/v, and FLUX's MLP-in)
+    # into one matrix product: bigger GEMMs, fewer launches; equal within rounding (passes/fuse_projections.py)
+    fuse_projections: bool = False
+    # replay each input signature's whole step as one CUDA graph (collectives captured): removes
+    # the per-op launch cost of host-bound steps; CUDA only, static shapes (ditpass/cudagraph.py)
+    cuda_graphs: bool = False
     # ((module-path glob, {key: value}), ...) per-module settings; later wins (see module doc)
     overrides: tuple[tuple[str, dict], ...] = ()
 
@@ -235,6 +241,9 @@ class Plan:
         if self.fastattn == "":
             raise PlanError("fastattn='': give the path of a saved fastattn plan, True or None")
         _check_choice("compile", self.compile, COMPILE_BACKENDS)
+        for name in ("fuse_projections", "cuda_graphs"):
+            if not isinstance(getattr(self, name), bool):
+                raise PlanError(f"{name}={getattr(self, name)!r}: must be True or False")
         _check_choice("attention", self.attention, ATTENTION_BACKENDS)
         for glob, settings in self.overrides:
             for key, value in settings.items():
@@ -404,4 +413,8 @@ def _parse_value(key, value):
             raise PlanError(f"{key}={value!r}: expected an int") from None
     if key == "fastattn":
         return {"none": None, "false": False, "true": True}.get(lowered, value)
+    if key in ("fuse_projections", "cuda_graphs"):
+        if lowered not in ("true", "false", "1", "0"):
+            raise PlanError(f"{key}={value!r}: expected true or false")
+        return lowered in ("true", "1")
     return value
