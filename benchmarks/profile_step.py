@@ -1,6 +1,12 @@
 """Where a forward's GPU time goes: torch.profiler of one FLUX.1-dev-size forward per system.
 
     torchrun --nproc_per_node=2 benchmarks/profile_step.py --res 2048 --plan u2 [--systems ditpass,diffusers]
+    torchrun --nproc_per_node=1 benchmarks/profile_step.py --res 1024 --plan single+f --compile inductor \
+        [--mode max-autotune-no-cudagraphs]
+
+``--compile inductor``: ditpass ``Plan(compile="inductor")`` and diffusers ``compile_repeated_blocks
+(fullgraph=True)``, ``--mode`` passed to both compiles. Plan flags as in bench_perf (``+f`` fused
+projections, ``+g`` CUDA graphs).
 
 For each system (ditpass with ``--plan``, then diffusers' ``ContextParallelConfig`` with the same
 Ulysses degree, last because it mutates the model), after warm-ups: one profiled forward. Rank 0
@@ -20,7 +26,8 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_sp import build_flux, flux_inputs, import_ditpass, plan_fields, same_weights_everywhere  # noqa: E402
+from bench_perf import plan_label, plan_spec_fields  # noqa: E402
+from bench_sp import build_flux, flux_inputs, import_ditpass, same_weights_everywhere  # noqa: E402
 
 CATEGORIES = [  # first match wins
     ("nccl", r"nccl"),
@@ -46,6 +53,9 @@ def main():
     p.add_argument("--txt", type=int, default=512)
     p.add_argument("--systems", default="ditpass,diffusers")
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--compile", default="eager", choices=("eager", "inductor"))
+    p.add_argument("--mode", default=None, help="torch.compile mode for both systems (inductor only)")
+    p.add_argument("--iters", type=int, default=5, help="unprofiled timed forwards (median reported)")
     a = p.parse_args()
 
     import torch
@@ -64,26 +74,41 @@ def main():
     same_weights_everywhere(model)
     kw = flux_inputs(model, a.res, a.txt, dev, torch.bfloat16)
 
-    fields = plan_fields(a.plan)
+    fields = plan_spec_fields(a.plan)
+    mode_kw = {"mode": a.mode} if a.mode else {}
+    if a.mode and a.compile == "inductor":  # ditpass's regional compile with this mode too
+        import ditpass.regional as regional
+
+        plain = regional.compile_regions
+        regional.compile_regions = lambda gm: plain(gm, **mode_kw)
     for system in a.systems.split(","):
         if system == "ditpass":
-            fn = ditpass.parallelize(model, ditpass.Plan(**fields))
+            fn = ditpass.parallelize(model, ditpass.Plan(**fields, compile=a.compile))
         elif system == "diffusers":
-            model.enable_parallelism(config=ParallelConfig(
-                context_parallel_config=ContextParallelConfig(ulysses_degree=fields["ulysses"],
-                                                              ring_degree=fields["ring"])))
+            if fields["ulysses"] * fields["ring"] > 1:
+                model.enable_parallelism(config=ParallelConfig(
+                    context_parallel_config=ContextParallelConfig(ulysses_degree=fields["ulysses"],
+                                                                  ring_degree=fields["ring"])))
+            if a.compile == "inductor":
+                torch._dynamo.reset()
+                model.compile_repeated_blocks(fullgraph=True, **mode_kw)
             fn = model
         else:
             raise SystemExit(f"unknown system {system}")
         with torch.inference_mode():
+            t = time.perf_counter()
             for _ in range(a.warmup):
                 fn(**kw)
             torch.cuda.synchronize()
+            warm_s = time.perf_counter() - t
             dist.barrier()
-            t = time.perf_counter()
-            fn(**kw)
-            torch.cuda.synchronize()
-            wall_plain = (time.perf_counter() - t) * 1e3
+            times = []
+            for _ in range(a.iters):
+                t = time.perf_counter()
+                fn(**kw)
+                torch.cuda.synchronize()
+                times.append((time.perf_counter() - t) * 1e3)
+            wall_plain = sorted(times)[len(times) // 2]
             dist.barrier()
             with torch.profiler.profile(activities=[torch.profiler.ProfilerActivity.CUDA]) as prof:
                 t = time.perf_counter()
@@ -102,8 +127,9 @@ def main():
             for name, (c, ms) in by_name.items():
                 cats[category(name)][0] += c
                 cats[category(name)][1] += ms
-            lines = [f"{system} plan={a.plan} res={a.res} world={world}: wall {wall:.1f} ms profiled, "
-                     f"{wall_plain:.1f} ms unprofiled; kernel time (sum over streams) {busy:.1f} ms, "
+            lines = [f"{system} plan={plan_label(fields)} compile={a.compile} mode={a.mode} res={a.res} world={world} "
+                     f"{torch.cuda.get_device_name(dev)} torch {torch.__version__}: warm-up {warm_s:.1f} s; wall "
+                     f"{wall:.1f} ms profiled, {wall_plain:.1f} ms unprofiled (median of {a.iters}); kernel time (sum over streams) {busy:.1f} ms, "
                      f"{sum(v[0] for v in by_name.values())} kernels", "", "category  kernels  ms  share"]
             for cat, (c, ms) in sorted(cats.items(), key=lambda kv: -kv[1][1]):
                 lines.append(f"{cat:12s} {c:6d} {ms:9.2f} {ms / busy:6.1%}")
@@ -112,7 +138,8 @@ def main():
                 lines.append(f"{ms:9.2f} {c:6d} {ms / busy:6.1%}  {name[:200]}")
             text = "\n".join(lines)
             print(text, flush=True)
-            (out_dir / f"prof_{system}_{a.plan}_{a.res}.txt").write_text(text + "\n")
+            tag = f"{a.plan.replace('+', '_')}_{a.compile}{'_' + a.mode if a.mode else ''}"
+            (out_dir / f"prof_{system}_{tag}_{a.res}.txt").write_text(text + "\n")
         del fn
         dist.barrier()
     dist.destroy_process_group()

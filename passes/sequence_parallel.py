@@ -589,8 +589,15 @@ class _Rewriter:
         cfg = self.cfg
         with self.g.inserting_before(node):
             lens = self.lengths(lq.segs, node)
+            sent = None
+            if cfg.u > 1:  # the all-to-all starts in its own node: the overlap pass may move work after it
+                sent = self.g.call_function(seq.ulysses_send, (q, k, v, cfg.u, cfg.ulysses_group))
+                sent.meta = {k_: node.meta[k_] for k_ in ("ditpass_block", "nn_module_stack", "stack_trace")
+                             if k_ in node.meta}
+                sent.meta["ditpass_inserted"] = "ulysses_send"
             new = self.g.call_function(seq.seq_attention, (q, k, v, scale, lens, cfg.n, cfg.u, cfg.r, cfg.ulysses_rank,
-                                                           cfg.ring_rank, cfg.ulysses_group, cfg.ring_group, mask))
+                                                           cfg.ring_rank, cfg.ulysses_group, cfg.ring_group, mask),
+                                       {"sent": sent} if sent is not None else {})
         new.meta = dict(node.meta)
         new.meta["ditpass_inserted"] = "seq_attention"
         node.replace_all_uses_with(new)

@@ -19,14 +19,14 @@ def test_bench_perf_tiny_records_and_table(tmp_path):
     env = dict(os.environ, OUT=str(tmp_path), BENCH_RUN_ID="ci-tiny", OMP_NUM_THREADS="1")
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",
            str(REPO / "benchmarks" / "bench_perf.py"), "--tiny", "--res", "64", "--iters", "2", "--warmup", "1",
-           "--ditpass-compile", "eager", "--measure", "ref,ditpass-eager,diffusers-cp,xdit", "--out", str(out)]
+           "--ditpass-compile", "eager", "--plans", "u2,r2,u2+f", "--measure", "ref,ditpass-eager,diffusers-cp,xdit", "--out", str(out)]
     proc = subprocess.run(cmd, cwd=REPO, env=env, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     recs = [json.loads(line) for line in out.read_text().splitlines()]
     ok = [r for r in recs if "error" not in r and "skipped" not in r]
     systems = {(r["system"], r["plan"]) for r in ok}
     assert {("diffusers", "single"), ("ditpass", "ulysses=2"), ("ditpass", "ring=2"),
-            ("diffusers", "ulysses=2")} <= systems
+            ("ditpass", "ulysses=2 +fuse_projections"), ("diffusers", "ulysses=2")} <= systems
     for r in ok:
         # peak memory is a CUDA reading: the key is there, its value None on the CPU
         missing = [f for f in FIELDS if f not in r or (r[f] is None and f != "peak_mem_gib")]

@@ -52,7 +52,7 @@ def _run_plans(rank, world, plans, broken):
     warnings.filterwarnings("ignore")
     model, inputs, ref = _STATE["model"], _STATE["inputs"], _STATE["ref"]
     if broken:  # control: attention that only sees this rank's tokens
-        seq.seq_attention = lambda q, k, v, scale, *a: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
+        seq.seq_attention = lambda q, k, v, scale, *a, **kw: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     out = []
     with torch.no_grad():
         for fields in plans:

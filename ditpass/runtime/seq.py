@@ -18,7 +18,7 @@ from __future__ import annotations
 import torch
 import torch.distributed._functional_collectives as funcol
 
-__all__ = ["chunk_len", "local_len", "shard", "gather", "seq_attention", "sdpa_lse", "merge_lse"]
+__all__ = ["chunk_len", "local_len", "shard", "gather", "ulysses_send", "seq_attention", "sdpa_lse", "merge_lse"]
 
 
 def chunk_len(length, n: int):
@@ -182,29 +182,41 @@ def _compact(t: torch.Tensor, lengths: list, n: int, src_ranks: list, dim: int =
     return torch.cat(pieces, dim) if pieces else t.narrow(dim, 0, 0)
 
 
+def ulysses_send(q, k, v, u: int, ulysses_group: str):
+    """The first half of Ulysses attention: start the all-to-all of ``q, k, v`` ([B, H, S, D]) and return
+    without waiting, so that the graph can compute something else while it travels; `seq_attention`
+    with ``sent=`` waits and finishes. Heads that ``u`` does not divide are padded with zero heads.
+
+    One all-to-all for q, k and v, sent as [u (dest), B, S, 3, h, D]: token-major, like the [B, S, H, D]
+    memory the projections leave behind, so the one copy per tensor (the stack) moves runs of h*D
+    values, and what arrives is [u (source), B, S, 3, h, D]: for B == 1 the q, k, v of the whole
+    sequence are views of it (no copy) in the packed [B, S, 3, H, D] layout that the fused attention
+    kernels take as is."""
+    B, H, S, D = q.shape
+    Hp = chunk_len(H, u) * u
+    if Hp != H:
+        pad = (0, 0, 0, 0, 0, Hp - H)
+        q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
+    h = Hp // u
+    qkv = torch.stack([t.transpose(1, 2).reshape(B, S, u, h, D).permute(2, 0, 1, 3, 4) for t in (q, k, v)], 3)
+    return funcol.all_to_all_single(qkv.contiguous(), None, None, ulysses_group)
+
+
 def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses_rank: int, ring_rank: int,
-                  ulysses_group: str, ring_group: str, mask=None):
+                  ulysses_group: str, ring_group: str, mask=None, sent=None):
     """Exact attention over a sequence sharded on dim 2 of ``q, k, v`` ([B, H, S, D]).
 
-    Ulysses (``u > 1``): all-to-all turns [B, H, S] into [B, H/u, u*S]; heads that don't divide
-    are padded with zero heads and dropped after. Ring (``r > 1``): K/V of the ``r`` ring ranks
-    are exchanged and the partial results merged by log-sum-exp. Both: USP on a 2-D mesh.
+    Ulysses (``u > 1``): all-to-all turns [B, H, S] into [B, H/u, u*S] (`ulysses_send`; ``sent`` is its
+    result when the graph started it earlier); padded heads are dropped after. Ring (``r > 1``): K/V of
+    the ``r`` ring ranks are exchanged and the partial results merged by log-sum-exp. Both: USP on a
+    2-D mesh.
     """
     B, H, S, D = q.shape
     if u > 1:
-        Hp = chunk_len(H, u) * u
-        if Hp != H:
-            pad = (0, 0, 0, 0, 0, Hp - H)
-            q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
-
-        # One all-to-all for q, k and v, sent as [u (dest), B, S, 3, h, D]: token-major, like the
-        # [B, S, H, D] memory the projections leave behind, so the one copy per tensor (the stack)
-        # moves runs of h*D values, and what arrives is [u (source), B, S, 3, h, D]: for B == 1 the
-        # q, k, v of the whole sequence are views of it (no copy) in the packed [B, S, 3, H, D]
-        # layout that the fused attention kernels take as is.
-        h = Hp // u
-        qkv = torch.stack([t.transpose(1, 2).reshape(B, S, u, h, D).permute(2, 0, 1, 3, 4) for t in (q, k, v)], 3)
-        qkv = _a2a(qkv, ulysses_group)  # [u (source rank), B, S, 3, h, D]
+        if sent is None:
+            sent = ulysses_send(q, k, v, u, ulysses_group)
+        qkv = funcol.wait_tensor(sent) if hasattr(funcol, "wait_tensor") else sent  # [u (source), B, S, 3, h, D]
+        h = qkv.shape[4]
         qkv = qkv.transpose(0, 1).reshape(B, u * S, 3, h, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, h, u*S, D]
     uly_ranks = list(range(u)) if u > 1 else [ulysses_rank]

@@ -1,0 +1,74 @@
+"""Overlap: start each Ulysses all-to-all before the block's independent work, not after it.
+
+The sequence-parallel pass starts the all-to-all of q, k, v in its own node (`seq.ulysses_send`) and waits
+for it in `seq.seq_attention`. Where the graph puts that node decides what can run while the data
+travels: in the model's own order, a FLUX single block computes its MLP input projection and GELU
+(a third of the block's matrix work) *before* the attention projections, so the all-to-all would start
+after the MLP and the GPU would idle until it arrives.
+
+This pass moves, within each block, every node that comes before the send but does not feed it, to
+just after the send. The send then starts as soon as q, k, v exist, and the moved work (FLUX: the
+MLP of 38 single blocks) runs on the compute stream while NCCL moves q, k, v on its own. Nothing is
+computed differently: the same nodes in another valid order (each moved node still follows its
+inputs and precedes its users), so the output is bit-identical.
+
+Only labelled nodes of the send's own block move (regions stay contiguous for the regional compiler).
+Blocks whose attention needs every earlier node (FLUX's double blocks) are left as they are.
+"""
+from __future__ import annotations
+
+import torch.fx
+
+from ditpass.pass_base import GraphPass, PassContext, PassResult
+from ditpass.runtime import seq
+
+
+def _ancestors(node: torch.fx.Node, block) -> set:
+    """Nodes of ``block`` that ``node`` depends on (walking only through the block's own nodes)."""
+    seen, todo = set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen and a.meta.get("ditpass_block") == block:
+                seen.add(a)
+                todo.append(a)
+    return seen
+
+
+class Overlap(GraphPass):
+    name = "overlap"
+
+    def enabled(self, ctx: PassContext) -> bool:
+        return ctx.plan.ulysses > 1
+
+    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        moved_by_block: dict[str, int] = {}
+        for send in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is seq.ulysses_send]:
+            block = send.meta.get("ditpass_block")
+            if block is None:
+                continue
+            before = []
+            n = send.prev
+            while n.op == "call_function" and (n.meta.get("ditpass_block") == block or "ditpass_block" not in n.meta):
+                before.append(n)
+                n = n.prev
+            feeds = _ancestors(send, block)
+            movable = {m for m in before if m.meta.get("ditpass_block") == block and m not in feeds}
+            span = set(before)
+            changed = True
+            while changed:  # a node that stays (before the send) keeps every input it has before it too
+                changed = False
+                for m in list(movable):
+                    if any(u in span and u not in movable for u in m.users):
+                        movable.discard(m)
+                        changed = True
+            free = [m for m in reversed(before) if m in movable]
+            anchor = send
+            for m in free:  # in their order, right after the send
+                anchor.append(m)
+                anchor = m
+            if free:
+                moved_by_block[block] = len(free)
+        moved = sum(moved_by_block.values())
+        note = (f"moved {moved} nodes of {len(moved_by_block)} blocks after their all-to-all's start, to run "
+                f"while q/k/v travel" if moved else "no block has work independent of its attention's inputs")
+        return PassResult(self.name, moved > 0, notes=[note], details={"moved_per_block": moved_by_block})
