@@ -12,7 +12,9 @@ MLP of 38 single blocks) runs on the compute stream while NCCL moves q, k, v on 
 computed differently: the same nodes in another valid order (each moved node still follows its
 inputs and precedes its users), so the output is bit-identical.
 
-Only labelled nodes of the send's own block move (regions stay contiguous for the regional compiler).
+Only labelled nodes of the send's own block move (regions stay contiguous for the regional compiler);
+a block with an in-place op before its send is left alone (a reader moved past a write would read
+something else).
 Blocks whose attention needs every earlier node (FLUX's double blocks) are left as they are.
 """
 from __future__ import annotations
@@ -21,6 +23,8 @@ import torch.fx
 
 from ditpass.pass_base import GraphPass, PassContext, PassResult
 from ditpass.runtime import seq
+
+from .sequence_parallel import _mutates
 
 
 def _ancestors(node: torch.fx.Node, block) -> set:
@@ -51,6 +55,8 @@ class Overlap(GraphPass):
             while n.op == "call_function" and (n.meta.get("ditpass_block") == block or "ditpass_block" not in n.meta):
                 before.append(n)
                 n = n.prev
+            if any(_mutates(m) for m in before):
+                continue  # an in-place op in between: moving a reader past it would change what it reads
             feeds = _ancestors(send, block)
             movable = {m for m in before if m.meta.get("ditpass_block") == block and m not in feeds}
             span = set(before)
