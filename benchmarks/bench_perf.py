@@ -196,24 +196,30 @@ def parse_args():
 
 
 PLAN_FLAGS = {"g": "cuda_graphs", "f": "fuse_projections"}
+SKIP_FLAGS = {"n": "overlap"}  # passes turned off for the build (DITPASS_SKIP_PASSES), to time what they do
 
 
 def plan_spec_fields(spec: str) -> dict:
     """``single`` / ``1`` / ``u1`` -> Plan(); else bench_sp's ``u2r2`` syntax. A ``+`` suffix turns on
-    plan flags: ``g`` cuda_graphs, ``f`` fuse_projections (``u2+fg``, ``single+g``)."""
+    plan flags: ``g`` cuda_graphs, ``f`` fuse_projections (``u2+fg``, ``single+g``); ``n`` skips the
+    overlap pass (``u2+n``: the graph in the model's order), under the key ``skip_passes``."""
     spec, _, flags = spec.partition("+")
     fields = {"ulysses": 1, "ring": 1} if spec in ("single", "1", "u1", "r1", "u1r1") else plan_fields(spec)
     for ch in flags:
-        if ch not in PLAN_FLAGS:
-            raise SystemExit(f"bad plan flag {ch!r} in {spec}+{flags}: use {PLAN_FLAGS}")
-        fields[PLAN_FLAGS[ch]] = True
+        if ch in SKIP_FLAGS:
+            fields["skip_passes"] = ",".join(filter(None, [fields.get("skip_passes"), SKIP_FLAGS[ch]]))
+        elif ch in PLAN_FLAGS:
+            fields[PLAN_FLAGS[ch]] = True
+        else:
+            raise SystemExit(f"bad plan flag {ch!r} in {spec}+{flags}: use {PLAN_FLAGS} or {SKIP_FLAGS}")
     return fields
 
 
 def plan_label(fields: dict) -> str:
     """``ulysses=2``, ``ulysses=2 +cuda_graphs``: the record's plan name."""
     degrees = {k: fields[k] for k in ("ulysses", "ring")}
-    return " ".join([plan_name(degrees)] + [f"+{f}" for f in PLAN_FLAGS.values() if fields.get(f)])
+    skipped = [f"-{p}" for p in fields.get("skip_passes", "").split(",") if p]
+    return " ".join([plan_name(degrees)] + [f"+{f}" for f in PLAN_FLAGS.values() if fields.get(f)] + skipped)
 
 
 def load_zoo():
@@ -558,12 +564,17 @@ def main():
         holder = {}
 
         def fn():
-            plan = ditpass.Plan(**fields, compile=backend)
+            plan_kw = {k: v for k, v in fields.items() if k != "skip_passes"}
+            plan = ditpass.Plan(**plan_kw, compile=backend)
             pm = ditpass.parallelize(ctx["base"], plan)
             holder["pm"] = pm
             barrier()
             t0 = time.time()
-            rec_ = pm.build(**kw)
+            os.environ["DITPASS_SKIP_PASSES"] = fields.get("skip_passes", "")
+            try:
+                rec_ = pm.build(**kw)
+            finally:
+                os.environ.pop("DITPASS_SKIP_PASSES")
             build_s = reduce_max(time.time() - t0)
             cached = id(rec_.captured) in captures
             captures.add(id(rec_.captured))

@@ -49,9 +49,11 @@ def load(paths, run=None) -> list[dict]:
 
 
 def short_plan(plan: str) -> str:
-    """'ulysses=2 x ring=2' -> 'u2r2'; 'single' -> '1'; plan flags kept: 'ulysses=2 +cuda_graphs' -> 'u2+cg'."""
-    plan, *flags = plan.split(" +")
-    tail = "".join("+" + {"cuda_graphs": "cg", "fuse_projections": "fp"}.get(f, f) for f in flags)
+    """'ulysses=2 x ring=2' -> 'u2r2'; 'single' -> '1'; plan flags kept: 'ulysses=2 +cuda_graphs' -> 'u2+cg',
+    'ulysses=2 -overlap' (a pass skipped) -> 'u2-ov'."""
+    plan, flags = _flags(plan)
+    short = {"+cuda_graphs": "+cg", "+fuse_projections": "+fp", "-overlap": "-ov"}
+    tail = "".join(short.get(f, f) for f in flags)
     if plan == "single":
         return "1" + tail
     out = ""
@@ -61,10 +63,16 @@ def short_plan(plan: str) -> str:
     return out + tail
 
 
+def _flags(plan: str) -> tuple[str, list[str]]:
+    """'ulysses=2 x ring=2 +cuda_graphs -overlap' -> ('ulysses=2 x ring=2', ['+cuda_graphs', '-overlap'])."""
+    words = plan.split(" ")
+    flags = [w for w in words if w[:1] in "+-"]
+    return " ".join(w for w in words if w not in flags), flags
+
+
 def series(r) -> tuple:
-    """A plot line: system and compile, and the plan flags (CUDA graphs, fused projections)."""
-    flags = r["plan"].split(" +")[1:]
-    return (r["system"], " +".join([r["compile"], *flags]))
+    """A plot line: system and compile, and the plan flags (CUDA graphs, fused projections, skipped passes)."""
+    return (r["system"], " ".join([r["compile"], *_flags(r["plan"])[1]]))
 
 
 def fmt(x, nd=1):

@@ -81,7 +81,7 @@ def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: list[GraphPas
     results: list[PassResult] = []
     for p in passes:
         if not p.enabled(ctx):
-            results.append(PassResult(p.name, False, notes=["off in this plan"]))
+            results.append(PassResult(p.name, False, notes=[getattr(p, "off_note", "off in this plan")]))
             continue
         before = len(gm.graph.nodes)
         names_before = {n.name for n in gm.graph.nodes}

@@ -14,7 +14,9 @@ Order, and why:
 """
 from __future__ import annotations
 
-from ditpass.pass_base import GraphPass
+import os
+
+from ditpass.pass_base import GraphPass, PassResult
 from ditpass.plan import Plan
 
 from .fuse_projections import FuseProjections
@@ -23,6 +25,32 @@ from .sequence_parallel import SequenceParallel
 from .tidy import Tidy
 
 
+class _Skipped(GraphPass):
+    """A pass turned off by ``DITPASS_SKIP_PASSES``; it reports so and changes nothing."""
+
+    off_note = "skipped (DITPASS_SKIP_PASSES)"
+
+    def __init__(self, inner: GraphPass):
+        self.name = inner.name
+
+    def enabled(self, ctx) -> bool:
+        return False
+
+    def call(self, gm, ctx) -> PassResult:  # not called: enabled() is False
+        return PassResult(self.name, False)
+
+
 def transformer_passes(plan: Plan) -> list[GraphPass]:
-    """The passes for one transformer graph, in order (those that are off report 'no change')."""
-    return [SequenceParallel(), FuseProjections(), Overlap(), Tidy()]
+    """The passes for one transformer graph, in order (those that are off report 'no change').
+
+    ``DITPASS_SKIP_PASSES=overlap,tidy`` (comma-separated names) turns passes off for the builds that
+    follow, to see or time what each does; sequence_parallel can't be skipped when the plan needs it."""
+    passes = [SequenceParallel(), FuseProjections(), Overlap(), Tidy()]
+    skip = {s.strip() for s in os.environ.get("DITPASS_SKIP_PASSES", "").split(",") if s.strip()}
+    unknown = skip - {p.name for p in passes}
+    if unknown:
+        raise ValueError(f"DITPASS_SKIP_PASSES names unknown passes {sorted(unknown)}; "
+                         f"passes: {', '.join(p.name for p in passes)}")
+    if "sequence_parallel" in skip and plan.sp > 1:
+        raise ValueError("DITPASS_SKIP_PASSES=sequence_parallel with a sequence-parallel plan: the plan needs it")
+    return [_Skipped(p) if p.name in skip else p for p in passes]

@@ -3,6 +3,7 @@ need (FLUX single blocks: the MLP input projection), and the output is bit-ident
 the model's own order."""
 from __future__ import annotations
 
+import pytest
 import torch
 
 import ditpass
@@ -14,7 +15,7 @@ _STATE: dict = {}
 
 
 def _run(rank, world):
-    from ditpass.passes import overlap
+    import os
 
     model, inputs = _STATE["model"], _STATE["inputs"]
     with torch.no_grad():
@@ -30,9 +31,11 @@ def _run(rank, world):
             linears_after = [n for n in nodes[nodes.index(send):] if n.meta.get("ditpass_block") == block
                              and n.target is torch.ops.aten.linear.default]
             order.append((block, len(linears_after)))
-        overlap.Overlap.enabled = lambda self, ctx: False  # the same plan in the model's own order
+        os.environ["DITPASS_SKIP_PASSES"] = "overlap"  # the same plan in the model's own order
         pm2 = ditpass.parallelize(model, ditpass.Plan(ulysses=2))
         y2 = pm2(**inputs)[0]
+        skipped = next(r for r in pm2.ditpass_records[0].results if r.name == "overlap")
+        assert not skipped.modified and "DITPASS_SKIP_PASSES" in skipped.notes[0]
     return dict(diff=float((y - _STATE["ref"]).abs().max()), same=bool(torch.equal(y, y2)),
                 moved=dict(res.details["moved_per_block"]), order=order, note=res.notes[0])
 
@@ -54,3 +57,18 @@ def test_overlap_moves_single_block_mlp_and_changes_nothing():
         for block, linears_after in r["order"]:
             if block.startswith("single"):
                 assert linears_after >= 2, (block, linears_after)  # proj_mlp and proj_out follow the send
+
+
+def test_skip_passes_names_must_exist(monkeypatch):
+    from ditpass.passes.registry import transformer_passes
+
+    monkeypatch.setenv("DITPASS_SKIP_PASSES", "overlap,tidy")
+    passes = transformer_passes(ditpass.Plan())
+    assert [p.name for p in passes] == ["sequence_parallel", "fuse_projections", "overlap", "tidy"]
+    assert [p.enabled(None) for p in passes[2:]] == [False, False]
+    monkeypatch.setenv("DITPASS_SKIP_PASSES", "overlapp")
+    with pytest.raises(ValueError, match="unknown passes"):
+        transformer_passes(ditpass.Plan())
+    monkeypatch.setenv("DITPASS_SKIP_PASSES", "sequence_parallel")
+    with pytest.raises(ValueError, match="needs it"):
+        transformer_passes(ditpass.Plan(ulysses=2))
