@@ -112,34 +112,42 @@ def _additive(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
+@torch._dynamo.assume_constant_result
+def _sdpa_flags() -> tuple[bool, bool, bool]:
+    """torch's SDPA backend flags (flash, cudnn, efficient). A constant to ``torch.compile``, which can't
+    trace the flag getters: a compiled region keeps the kernel choice of its first call (the plan's
+    ``attention`` backend, fixed for a parallelized model)."""
+    f = torch.backends.cuda
+    return f.flash_sdp_enabled(), f.cudnn_sdp_enabled(), f.mem_efficient_sdp_enabled()
+
+
 def sdpa_lse(q, k, v, scale=None, mask=None):
     """Attention output and its log-sum-exp per query (float32), from a fused kernel where one exists.
 
     Follows torch's SDPA backend flags (``torch.nn.attention.sdpa_kernel``, set by ``Plan.attention``):
     a fused kernel only where its flag is on, else the math path. A query whose keys are all masked
     gets output 0 and lse -inf, so merging ignores it."""
-    flags = torch.backends.cuda
-    if mask is not None or not (flags.flash_sdp_enabled() or flags.cudnn_sdp_enabled()
-                                or flags.mem_efficient_sdp_enabled()):
+    flash, cudnn, efficient = _sdpa_flags()
+    if mask is not None or not (flash or cudnn or efficient):
         return _math_lse(q, k, v, scale, mask)
     if q.device.type == "cuda":
         half = q.dtype in (torch.float16, torch.bfloat16)
         # cuDNN's kernel runs about twice as fast as FlashAttention-2 on Hopper (measured:
         # benchmarks/results/sp_flux.md); flash where cuDNN refuses the shape or the GPU
-        if half and flags.cudnn_sdp_enabled():
+        if half and cudnn:
             try:
                 out, lse = torch.ops.aten._scaled_dot_product_cudnn_attention(
                     q, k, v, None, True, 0.0, False, False, scale=scale)[:2]
                 return out, lse.reshape(lse.shape[0], lse.shape[1], lse.shape[2])
             except RuntimeError:
                 pass
-        if half and flags.flash_sdp_enabled():
+        if half and flash:
             return torch.ops.aten._scaled_dot_product_flash_attention(q, k, v, 0.0, False, False, scale=scale)[:2]
-        if flags.mem_efficient_sdp_enabled():
+        if efficient:
             out, lse = torch.ops.aten._scaled_dot_product_efficient_attention(q, k, v, None, True, 0.0, False,
                                                                              scale=scale)[:2]
             return out, lse[..., : q.shape[-2]]
-    if q.device.type == "cpu" and flags.flash_sdp_enabled():
+    if q.device.type == "cpu" and flash:
         out, lse = torch.ops.aten._scaled_dot_product_flash_attention_for_cpu(q, k, v, 0.0, False, scale=scale)
         return out, lse
     return _math_lse(q, k, v, scale, mask)
