@@ -106,6 +106,7 @@ VIDEO_KINDS = ("ref", "ditpass-inductor", "ditpass-eager", "diffusers-cp")
 # (compile times dominate); a measurement is started only if the deadline leaves this much, x --est-scale
 EST_S = {"ref": (8, 0.4), "ditpass-inductor": (50, 0.8), "diffusers-compiled": (35, 0.6),
          "ditpass-eager": (20, 0.5), "diffusers-cp": (10, 0.3), "xdit": (20, 0.4), "build": (30, 0.0)}
+RING_BACKEND = "_native_cudnn"  # diffusers' ring attention needs the log-sum-exp; cuDNN SDPA returns it
 FLUX_STEPS = 28  # FLUX.1-dev's default number of denoising steps
 
 
@@ -167,6 +168,9 @@ def parse_args():
     p.add_argument("--diffusers-modes", default="default",
                    help="torch.compile modes for diffusers' compile_repeated_blocks, e.g. default,reduce-overhead "
                         "(CUDA graphs per block)")
+    p.add_argument("--diffusers-cp", default="ulysses",
+                   help="diffusers context-parallel kinds (world > 1), eager and compiled: ulysses, ring or both "
+                        f"(ring runs with the {RING_BACKEND!r} attention backend, which returns the log-sum-exp)")
     p.add_argument("--single-compiled", action="store_true",
                    help="world > 1: also diffusers single GPU regional compile (default: world 1 only)")
     p.add_argument("--video", action="store_true", help="also Wan2.1-1.3B (WanTransformer3DModel, zoo 'full')")
@@ -417,10 +421,13 @@ def main():
         v.set_attention_backend(a.attn_backend)
         return v
 
-    def enable_cp(m):
+    def enable_cp(m, cp_kind="ulysses"):
         from diffusers import ContextParallelConfig, ParallelConfig
 
-        cp = ParallelConfig(context_parallel_config=ContextParallelConfig(ulysses_degree=world))
+        degree = {"ulysses_degree": world} if cp_kind == "ulysses" else {"ring_degree": world}
+        if cp_kind == "ring":  # diffusers' ring needs a backend that returns the log-sum-exp
+            m.set_attention_backend(RING_BACKEND)
+        cp = ParallelConfig(context_parallel_config=ContextParallelConfig(**degree))
         if dev.type == "cpu":  # diffusers takes `rank % accelerator count` as the device: 0 on CPU
             count = torch.accelerator.device_count
             torch.accelerator.device_count = lambda: 1
@@ -611,16 +618,16 @@ def main():
             raise RuntimeError(f"could not prepare the model ({key}): {type(v).__name__}: {v}") from v
         return v
 
-    def cp_view():
-        return get_view("cp", lambda: enable_cp(view_of(ctx["base"])))
+    def cp_view(cp_kind="ulysses"):
+        return get_view(f"cp-{cp_kind}", lambda: enable_cp(view_of(ctx["base"]), cp_kind))
 
-    def run_diffusers_compiled(res, kw, geo, single: bool, mode: str = "default"):
-        name = "single" if single else f"ulysses={world}"
+    def run_diffusers_compiled(res, kw, geo, single: bool, mode: str = "default", cp_kind: str = "ulysses"):
+        name = "single" if single else f"{cp_kind}={world}"
         compile_ = "regional" if mode == "default" else f"regional-{mode}"
         holder = {}
 
         def fn():
-            m = get_view("single", lambda: view_of(ctx["base"])) if single else cp_view()
+            m = get_view("single", lambda: view_of(ctx["base"])) if single else cp_view(cp_kind)
             holder["m"] = m
             torch._dynamo.reset()
             mode_kw = {} if mode == "default" else {"mode": mode}
@@ -640,14 +647,17 @@ def main():
             torch._dynamo.reset()
             free()
 
-    def run_diffusers_cp(res, kw, geo):
+    def run_diffusers_cp(res, kw, geo, cp_kind="ulysses"):
         def fn():
-            m = cp_view()
+            m = cp_view(cp_kind)
             out, fc = first_call(lambda: m(**kw)[0])
             out, ts, peak, host = timed(lambda: m(**kw)[0])
-            return dict(out=out, ts=ts, peak=peak, host=host, extra=dict(first_call_s=round(fc, 2)))
+            extra = dict(first_call_s=round(fc, 2))
+            if cp_kind == "ring":
+                extra["attn_backend"] = RING_BACKEND
+            return dict(out=out, ts=ts, peak=peak, host=host, extra=extra)
 
-        measure_task("diffusers", f"ulysses={world}", "eager", world, res, kw, geo, fn)
+        measure_task("diffusers", f"{cp_kind}={world}", "eager", world, res, kw, geo, fn)
         free()
 
     xdit_state = {}
@@ -734,13 +744,16 @@ def main():
                         t.append(("diffusers-compiled", res,
                                   lambda r, m=mode: run_diffusers_compiled(r, *ctx["inputs"](r), single=True, mode=m)))
                     if world > 1:
-                        t.append(("diffusers-compiled", res,
-                                  lambda r, m=mode: run_diffusers_compiled(r, *ctx["inputs"](r), single=False, mode=m)))
+                        for cpk in a.diffusers_cp.split(","):
+                            t.append(("diffusers-compiled", res,
+                                      lambda r, m=mode, c=cpk: run_diffusers_compiled(r, *ctx["inputs"](r), single=False,
+                                                                                      mode=m, cp_kind=c)))
             if "ditpass-eager" in kinds and "eager" in backends:
                 for spec in plans:
                     t.append(("ditpass-eager", res, lambda r, s=spec: run_ditpass(r, *ctx["inputs"](r), s, "eager")))
             if "diffusers-cp" in kinds and world > 1:
-                t.append(("diffusers-cp", res, lambda r: run_diffusers_cp(r, *ctx["inputs"](r))))
+                for cpk in a.diffusers_cp.split(","):
+                    t.append(("diffusers-cp", res, lambda r, c=cpk: run_diffusers_cp(r, *ctx["inputs"](r), c)))
             if "xdit" in kinds:
                 for spec in xdit_plans:
                     t.append(("xdit", res, lambda r, s=spec: run_xdit(r, *ctx["inputs"](r), s)))
