@@ -200,14 +200,13 @@ def parse_args():
 
 
 PLAN_FLAGS = {"g": "cuda_graphs", "f": "fuse_projections"}
-SKIP_FLAGS = {"n": "overlap", "p": "pack_attention"}  # passes turned off for the build (DITPASS_SKIP_PASSES), to time what they do
+SKIP_FLAGS = {"n": "overlap"}  # passes turned off for the build (DITPASS_SKIP_PASSES), to time what they do
 
 
 def plan_spec_fields(spec: str) -> dict:
     """``single`` / ``1`` / ``u1`` -> Plan(); else bench_sp's ``u2r2`` syntax. A ``+`` suffix turns on
     plan flags: ``g`` cuda_graphs, ``f`` fuse_projections (``u2+fg``, ``single+g``); ``n`` skips the
-    overlap pass (``u2+n``: the graph in the model's order), ``p`` the pack_attention pass, under the
-    key ``skip_passes``."""
+    overlap pass (``u2+n``: the graph in the model's order), under the key ``skip_passes``."""
     spec, _, flags = spec.partition("+")
     fields = {"ulysses": 1, "ring": 1} if spec in ("single", "1", "u1", "r1", "u1r1") else plan_fields(spec)
     for ch in flags:

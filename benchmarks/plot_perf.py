@@ -52,7 +52,7 @@ def short_plan(plan: str) -> str:
     """'ulysses=2 x ring=2' -> 'u2r2'; 'single' -> '1'; plan flags kept: 'ulysses=2 +cuda_graphs' -> 'u2+cg',
     'ulysses=2 -overlap' (a pass skipped) -> 'u2-ov'."""
     plan, flags = _flags(plan)
-    short = {"+cuda_graphs": "+cg", "+fuse_projections": "+fp", "-overlap": "-ov", "-pack_attention": "-pk"}
+    short = {"+cuda_graphs": "+cg", "+fuse_projections": "+fp", "-overlap": "-ov"}
     tail = "".join(short.get(f, f) for f in flags)
     if plan == "single":
         return "1" + tail

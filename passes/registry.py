@@ -9,10 +9,7 @@ Order, and why:
 3. overlap: moves each block's work that its attention does not need to after the start of the
    Ulysses all-to-all (`seq.ulysses_send`), so it runs while q/k/v travel. After the passes that
    add or merge nodes, so it orders the final nodes.
-4. pack_attention (compiled plans): q/k/v of each local attention call as views of one packed
-   [B, S, 3, H, D] tensor, the layout cuDNN's kernel is fast on; after overlap, which moves nodes
-   by block and does not need to know of it.
-5. tidy: last, drops no-op nodes (asserts, same-dtype ``.to()``, p=0 dropout) that cost host time
+4. tidy: last, drops no-op nodes (asserts, same-dtype ``.to()``, p=0 dropout) that cost host time
    when the graph runs eagerly; after the analysis-driven passes, which name nodes it might drop.
 """
 from __future__ import annotations
@@ -24,7 +21,6 @@ from ditpass.plan import Plan
 
 from .fuse_projections import FuseProjections
 from .overlap import Overlap
-from .pack_attention import PackAttention
 from .sequence_parallel import SequenceParallel
 from .tidy import Tidy
 
@@ -49,7 +45,7 @@ def transformer_passes(plan: Plan) -> list[GraphPass]:
 
     ``DITPASS_SKIP_PASSES=overlap,tidy`` (comma-separated names) turns passes off for the builds that
     follow, to see or time what each does; sequence_parallel can't be skipped when the plan needs it."""
-    passes = [SequenceParallel(), FuseProjections(), Overlap(), PackAttention(), Tidy()]
+    passes = [SequenceParallel(), FuseProjections(), Overlap(), Tidy()]
     skip = {s.strip() for s in os.environ.get("DITPASS_SKIP_PASSES", "").split(",") if s.strip()}
     unknown = skip - {p.name for p in passes}
     if unknown:
