@@ -83,7 +83,9 @@ def main():
         regional.compile_regions = lambda gm: plain(gm, **mode_kw)
     for system in a.systems.split(","):
         if system == "ditpass":
-            fn = ditpass.parallelize(model, ditpass.Plan(**fields, compile=a.compile))
+            plan_kw = {k: v for k, v in fields.items() if k != "skip_passes"}
+            os.environ["DITPASS_SKIP_PASSES"] = fields.get("skip_passes", "")  # read when the graph is built
+            fn = ditpass.parallelize(model, ditpass.Plan(**plan_kw, compile=a.compile))
         elif system == "diffusers":
             if fields["ulysses"] * fields["ring"] > 1:
                 model.enable_parallelism(config=ParallelConfig(
