@@ -31,6 +31,7 @@ from bench_sp import build_flux, flux_inputs, import_ditpass, same_weights_every
 
 CATEGORIES = [  # first match wins
     ("nccl", r"nccl"),
+    ("fused (triton)", r"^triton_"),  # inductor's kernels: names list the ops fused (incl. "sdpa" prologues)
     ("attention", r"flash|fmha|cudnn|attention|sdpa|sm90_fmha|softmax"),
     ("gemm", r"gemm|sm90_xmma|cutlass|wgmma|cublas|splitK|nvjet"),
     ("copy", r"copy|Memcpy|memcpy|cat|index|gather|CatArray|elementwise_kernel_manual_unroll.*direct_copy"),
