@@ -34,6 +34,7 @@ from collections import Counter
 import torch
 import torch.fx
 
+from ditpass.analysis.blocks import ancestors_in_block
 from ditpass.analysis.symbolic import node_val
 from ditpass.pass_base import GraphPass, PassContext, PassResult
 from ditpass.runtime import seq
@@ -62,16 +63,8 @@ def _attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
 
 def _feeding_sends(gm: torch.fx.GraphModule) -> set:
     """Nodes that a Ulysses all-to-all (`seq.ulysses_send`) depends on, within its block."""
-    feeds: set = set()
-    for send in gm.graph.nodes:
-        if send.op == "call_function" and send.target is seq.ulysses_send:
-            block, todo = send.meta.get("ditpass_block"), [send]
-            while todo:
-                for a in todo.pop().all_input_nodes:
-                    if a not in feeds and a.meta.get("ditpass_block") == block:
-                        feeds.add(a)
-                        todo.append(a)
-    return feeds
+    sends = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is seq.ulysses_send]
+    return set().union(*(ancestors_in_block(n) for n in sends))
 
 
 def _groups(gm: torch.fx.GraphModule) -> list[list[torch.fx.Node]]:

@@ -21,21 +21,11 @@ from __future__ import annotations
 
 import torch.fx
 
+from ditpass.analysis.blocks import ancestors_in_block
 from ditpass.pass_base import GraphPass, PassContext, PassResult
 from ditpass.runtime import seq
 
 from .sequence_parallel import _mutates
-
-
-def _ancestors(node: torch.fx.Node, block) -> set:
-    """Nodes of ``block`` that ``node`` depends on (walking only through the block's own nodes)."""
-    seen, todo = set(), [node]
-    while todo:
-        for a in todo.pop().all_input_nodes:
-            if a not in seen and a.meta.get("ditpass_block") == block:
-                seen.add(a)
-                todo.append(a)
-    return seen
 
 
 class Overlap(GraphPass):
@@ -57,7 +47,7 @@ class Overlap(GraphPass):
                 n = n.prev
             if any(_mutates(m) for m in before):
                 continue  # an in-place op in between: moving a reader past it would change what it reads
-            feeds = _ancestors(send, block)
+            feeds = ancestors_in_block(send)
             movable = {m for m in before if m.meta.get("ditpass_block") == block and m not in feeds}
             span = set(before)
             changed = True

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 import torch.fx
 
-__all__ = ["Block", "BlockGroup", "find_blocks", "module_path", "block_path"]
+__all__ = ["Block", "BlockGroup", "find_blocks", "module_path", "block_path", "ancestors_in_block"]
 
 _INDEXED = re.compile(r"^(?P<list>.+)\.(?P<idx>\d+)$")
 
@@ -82,6 +82,18 @@ class BlockGroup:
 
     def __len__(self) -> int:
         return len(self.blocks)
+
+
+def ancestors_in_block(node: torch.fx.Node) -> set:
+    """The nodes of ``node``'s block (``meta["ditpass_block"]``) that it depends on, walking only through
+    that block's own nodes."""
+    block, seen, todo = node.meta.get("ditpass_block"), set(), [node]
+    while todo:
+        for a in todo.pop().all_input_nodes:
+            if a not in seen and a.meta.get("ditpass_block") == block:
+                seen.add(a)
+                todo.append(a)
+    return seen
 
 
 def find_blocks(graph: torch.fx.Graph) -> list[BlockGroup]:
