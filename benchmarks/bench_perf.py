@@ -204,25 +204,30 @@ SKIP_FLAGS = {"n": "overlap"}  # passes turned off for the build (DITPASS_SKIP_P
 
 
 def plan_spec_fields(spec: str) -> dict:
-    """``single`` / ``1`` / ``u1`` -> Plan(); else bench_sp's ``u2r2`` syntax. A ``+`` suffix turns on
-    plan flags: ``g`` cuda_graphs, ``f`` fuse_projections (``u2+fg``, ``single+g``); ``n`` skips the
-    overlap pass (``u2+n``: the graph in the model's order), under the key ``skip_passes``."""
+    """The ``Plan`` fields of a plan spec: ``single`` / ``1`` / ``u1`` -> Plan(); else bench_sp's ``u2r2``
+    syntax. A ``+`` suffix turns on plan flags: ``g`` cuda_graphs, ``f`` fuse_projections (``u2+fg``,
+    ``single+g``); ``n`` skips the overlap pass (``u2+n``: the graph in the model's order, see
+    `plan_spec_skips`)."""
     spec, _, flags = spec.partition("+")
     fields = {"ulysses": 1, "ring": 1} if spec in ("single", "1", "u1", "r1", "u1r1") else plan_fields(spec)
     for ch in flags:
-        if ch in SKIP_FLAGS:
-            fields["skip_passes"] = ",".join(filter(None, [fields.get("skip_passes"), SKIP_FLAGS[ch]]))
-        elif ch in PLAN_FLAGS:
+        if ch in PLAN_FLAGS:
             fields[PLAN_FLAGS[ch]] = True
-        else:
+        elif ch not in SKIP_FLAGS:
             raise SystemExit(f"bad plan flag {ch!r} in {spec}+{flags}: use {PLAN_FLAGS} or {SKIP_FLAGS}")
     return fields
 
 
-def plan_label(fields: dict) -> str:
-    """``ulysses=2``, ``ulysses=2 +cuda_graphs``: the record's plan name."""
+def plan_spec_skips(spec: str) -> str:
+    """The passes a plan spec builds without, as ``DITPASS_SKIP_PASSES`` takes them: ``u2+n`` -> ``overlap``."""
+    return ",".join(SKIP_FLAGS[ch] for ch in spec.partition("+")[2] if ch in SKIP_FLAGS)
+
+
+def plan_label(spec: str) -> str:
+    """``ulysses=2``, ``ulysses=2 +cuda_graphs``, ``ulysses=2 -overlap``: the record's plan name."""
+    fields = plan_spec_fields(spec)
     degrees = {k: fields[k] for k in ("ulysses", "ring")}
-    skipped = [f"-{p}" for p in fields.get("skip_passes", "").split(",") if p]
+    skipped = [f"-{p}" for p in plan_spec_skips(spec).split(",") if p]
     return " ".join([plan_name(degrees)] + [f"+{f}" for f in PLAN_FLAGS.values() if fields.get(f)] + skipped)
 
 
@@ -566,18 +571,17 @@ def main():
 
     def run_ditpass(res, kw, geo, spec, backend, video=False):
         fields = plan_spec_fields(spec)
-        name = plan_label(fields)
+        name = plan_label(spec)
         gpus = fields["ulysses"] * fields["ring"]
         holder = {}
 
         def fn():
-            plan_kw = {k: v for k, v in fields.items() if k != "skip_passes"}
-            plan = ditpass.Plan(**plan_kw, compile=backend)
+            plan = ditpass.Plan(**fields, compile=backend)
             pm = ditpass.parallelize(ctx["base"], plan)
             holder["pm"] = pm
             barrier()
             t0 = time.time()
-            os.environ["DITPASS_SKIP_PASSES"] = fields.get("skip_passes", "")
+            os.environ["DITPASS_SKIP_PASSES"] = plan_spec_skips(spec)
             try:
                 rec_ = pm.build(**kw)
             finally:

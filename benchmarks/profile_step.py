@@ -26,7 +26,7 @@ from collections import defaultdict
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-from bench_perf import plan_label, plan_spec_fields  # noqa: E402
+from bench_perf import plan_label, plan_spec_fields, plan_spec_skips  # noqa: E402
 from bench_sp import build_flux, flux_inputs, import_ditpass, same_weights_everywhere  # noqa: E402
 
 CATEGORIES = [  # first match wins
@@ -84,9 +84,8 @@ def main():
         regional.compile_regions = lambda gm: plain(gm, **mode_kw)
     for system in a.systems.split(","):
         if system == "ditpass":
-            plan_kw = {k: v for k, v in fields.items() if k != "skip_passes"}
-            os.environ["DITPASS_SKIP_PASSES"] = fields.get("skip_passes", "")  # read when the graph is built
-            fn = ditpass.parallelize(model, ditpass.Plan(**plan_kw, compile=a.compile))
+            os.environ["DITPASS_SKIP_PASSES"] = plan_spec_skips(a.plan)  # read when the graph is built
+            fn = ditpass.parallelize(model, ditpass.Plan(**fields, compile=a.compile))
         elif system == "diffusers":
             if fields["ulysses"] * fields["ring"] > 1:
                 model.enable_parallelism(config=ParallelConfig(
@@ -130,7 +129,7 @@ def main():
             for name, (c, ms) in by_name.items():
                 cats[category(name)][0] += c
                 cats[category(name)][1] += ms
-            lines = [f"{system} plan={plan_label(fields)} compile={a.compile} mode={a.mode} res={a.res} world={world} "
+            lines = [f"{system} plan={plan_label(a.plan)} compile={a.compile} mode={a.mode} res={a.res} world={world} "
                      f"{torch.cuda.get_device_name(dev)} torch {torch.__version__}: warm-up {warm_s:.1f} s; wall "
                      f"{wall:.1f} ms profiled, {wall_plain:.1f} ms unprofiled (median of {a.iters}); kernel time (sum over streams) {busy:.1f} ms, "
                      f"{sum(v[0] for v in by_name.values())} kernels", "", "category  kernels  ms  share"]

@@ -241,7 +241,7 @@ class Plan:
         if self.fastattn == "":
             raise PlanError("fastattn='': give the path of a saved fastattn plan, True or None")
         _check_choice("compile", self.compile, COMPILE_BACKENDS)
-        for name in ("fuse_projections", "cuda_graphs"):
+        for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
                 raise PlanError(f"{name}={getattr(self, name)!r}: must be True or False")
         _check_choice("attention", self.attention, ATTENTION_BACKENDS)
@@ -349,6 +349,7 @@ class Plan:
 
 _FIELDS = dataclasses.fields(Plan)
 _FIELD_NAMES = tuple(f.name for f in _FIELDS)
+_BOOL_FIELDS = tuple(f.name for f in _FIELDS if f.type == "bool")  # on/off switches: True or False only
 
 
 def _is_int(x) -> bool:
@@ -413,7 +414,7 @@ def _parse_value(key, value):
             raise PlanError(f"{key}={value!r}: expected an int") from None
     if key == "fastattn":
         return {"none": None, "false": False, "true": True}.get(lowered, value)
-    if key in ("fuse_projections", "cuda_graphs"):
+    if key in _BOOL_FIELDS:
         if lowered not in ("true", "false", "1", "0"):
             raise PlanError(f"{key}={value!r}: expected true or false")
         return lowered in ("true", "1")

@@ -14,8 +14,8 @@ inputs and precedes its users), so the output is bit-identical.
 
 Only labelled nodes of the send's own block move (regions stay contiguous for the regional compiler);
 a block with an in-place op before its send is left alone (a reader moved past a write would read
-something else).
-Blocks whose attention needs every earlier node (FLUX's double blocks) are left as they are.
+something else). In FLUX's double blocks little moves (the AdaLN chunks their MLP reads later): their
+attention needs everything computed before it.
 """
 from __future__ import annotations
 
@@ -48,15 +48,12 @@ class Overlap(GraphPass):
             if any(_mutates(m) for m in before):
                 continue  # an in-place op in between: moving a reader past it would change what it reads
             feeds = ancestors_in_block(send)
-            movable = {m for m in before if m.meta.get("ditpass_block") == block and m not in feeds}
-            span = set(before)
-            changed = True
-            while changed:  # a node that stays (before the send) keeps every input it has before it too
-                changed = False
-                for m in list(movable):
-                    if any(u in span and u not in movable for u in m.users):
-                        movable.discard(m)
-                        changed = True
+            span, movable = set(before), set()
+            for m in before:  # nearest the send first, so a node's users in the span are decided before it
+                # a node that stays (before the send) keeps every input it has before it too
+                if m.meta.get("ditpass_block") == block and m not in feeds and \
+                        all(u in movable for u in m.users if u in span):
+                    movable.add(m)
             free = [m for m in reversed(before) if m in movable]
             anchor = send
             for m in free:  # in their order, right after the send

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import os
 
-from ditpass.pass_base import GraphPass, PassResult
+from ditpass.pass_base import GraphPass
 from ditpass.plan import Plan
 
 from .fuse_projections import FuseProjections
@@ -35,9 +35,6 @@ class _Skipped(GraphPass):
 
     def enabled(self, ctx) -> bool:
         return False
-
-    def call(self, gm, ctx) -> PassResult:  # not called: enabled() is False
-        return PassResult(self.name, False)
 
 
 def transformer_passes(plan: Plan) -> list[GraphPass]:
