@@ -5,7 +5,7 @@ setup(
     version="0.1.0",
     description="Compiler passes that parallelize and speed up Diffusion Transformer inference",
     python_requires=">=3.10",
-    packages=["ditpass", "ditpass.analysis", "ditpass.runtime", "ditpass.passes", "ditpass.models"],
+    packages=["ditpass", "ditpass.analysis", "ditpass.runtime", "ditpass.backend", "ditpass.tools", "ditpass.passes", "ditpass.models"],
     package_dir={"ditpass": "ditpass", "ditpass.passes": "passes", "ditpass.models": "models"},
     package_data={"ditpass.models": ["weights/*.safetensors", "weights/*.json"]},
     install_requires=["torch>=2.11", "diffusers>=0.35,<0.50", "sympy", "safetensors", "tqdm"],
@@ -16,5 +16,5 @@ setup(
         "onediff": ["onediff", "nexfort"],
         "serve": ["fastapi", "uvicorn"],
     },
-    entry_points={"console_scripts": ["ditpass=ditpass.cli:main"]},
+    entry_points={"console_scripts": ["ditpass=ditpass.tools.cli:main"]},
 )

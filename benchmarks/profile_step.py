@@ -78,7 +78,7 @@ def main():
     fields = plan_spec_fields(a.plan)
     mode_kw = {"mode": a.mode} if a.mode else {}
     if a.mode and a.compile == "inductor":  # ditpass's regional compile with this mode too
-        import ditpass.regional as regional
+        import ditpass.backend.regional as regional
 
         plain = regional.compile_regions
         regional.compile_regions = lambda gm: plain(gm, **mode_kw)

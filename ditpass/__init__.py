@@ -7,7 +7,7 @@
 from .analysis import analyze
 from .api import ParallelModule, parallelize
 from .capture import CaptureError, Captured, capture
-from .explain import explain  # eager: importing the submodule later would otherwise shadow the function
+from .tools.explain import explain  # eager: importing the submodule later would otherwise shadow the function
 from .plan import Plan, PlanError
 
 __all__ = ["Plan", "PlanError", "capture", "Captured", "CaptureError", "analyze", "parallelize", "ParallelModule",

@@ -1,6 +1,6 @@
 """``python -m ditpass ...``: the same as the ``ditpass`` command."""
 import sys
 
-from .cli import main
+from .tools.cli import main
 
 sys.exit(main())

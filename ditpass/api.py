@@ -108,7 +108,7 @@ class ParallelModule(torch.nn.Module):
 
         runner = compile_graph(gm, self.plan.compile) if captured.whole else captured
         if self.plan.cuda_graphs:
-            from .cudagraph import GraphedStep
+            from .backend.cudagraph import GraphedStep
 
             runner = GraphedStep(runner)
         rec = Record(sig, captured, analysis, results, gm, runner)
@@ -153,7 +153,7 @@ def parallelize(model: torch.nn.Module, plan: Plan | None = None, **plan_fields)
     from torchrun's environment. Every rank passes the same full inputs and gets the full output.
     """
     plan = plan or Plan(**plan_fields)
-    from . import pipeline
+    from . import components as pipeline
 
     pipeline.check_supported(plan)
     if pipeline.is_pipeline(model):  # a diffusers pipeline: its transformer(s) wrapped, pipe returned

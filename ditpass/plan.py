@@ -77,7 +77,7 @@ class Plan:
     # into one matrix product: bigger GEMMs, fewer launches; equal within rounding (passes/fuse_projections.py)
     fuse_projections: bool = False
     # replay each input signature's whole step as one CUDA graph (collectives captured): removes
-    # the per-op launch cost of host-bound steps; CUDA only, static shapes (ditpass/cudagraph.py)
+    # the per-op launch cost of host-bound steps; CUDA only, static shapes (ditpass/backend/cudagraph.py)
     cuda_graphs: bool = False
     # ((module-path glob, {key: value}), ...) per-module settings; later wins (see module doc)
     overrides: tuple[tuple[str, dict], ...] = ()

@@ -11,7 +11,7 @@ from ditpass.backend import BackendError, compile_graph
 from dist_utils import run_distributed
 from tiny_models import tiny_flux
 from ditpass.models import zoo
-from ditpass.regional import RegionalModule
+from ditpass.backend.regional import RegionalModule
 
 _STATE: dict = {}
 

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import ditpass
-from ditpass import cudagraph
-from ditpass.cudagraph import CudaGraphError, GraphedStep
+from ditpass.backend import cudagraph
+from ditpass.backend.cudagraph import CudaGraphError, GraphedStep
 from tiny_models import tiny_flux
 
 

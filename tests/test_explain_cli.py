@@ -14,11 +14,11 @@ import pytest
 import torch
 
 import ditpass
-from ditpass.cli import main
-from ditpass.explain import dry_run, explain
+from ditpass.tools.cli import main
+from ditpass.tools.explain import dry_run, explain
 from ditpass.models import NAMES, build, dynamic_dims, make_inputs
 from ditpass.plan import Plan
-from ditpass.render import to_svg
+from ditpass.tools.render import to_svg
 
 FLUX = "FluxTransformer2DModel"
 SVG_NS = "{http://www.w3.org/2000/svg}"
@@ -162,7 +162,7 @@ def test_ditpass_explain_stays_the_function():
 
     import ditpass
 
-    mod = importlib.import_module("ditpass.explain")
+    mod = importlib.import_module("ditpass.tools.explain")
     assert callable(ditpass.explain) and ditpass.explain is mod.explain
     model = torch.nn.Linear(2, 2)
     pm = ditpass.parallelize(model, ditpass.Plan())

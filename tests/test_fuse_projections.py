@@ -9,7 +9,7 @@ import ditpass
 from ditpass.models import zoo
 from ditpass.pass_base import PassContext
 from ditpass.passes.fuse_projections import FuseProjections
-from ditpass.regional import RegionalModule
+from ditpass.backend.regional import RegionalModule
 
 from dist_utils import run_distributed
 from tiny_models import tiny_flux

@@ -5,9 +5,9 @@
 Subcommands (each an ``_add_<name>(subparsers)`` that sets ``func``; add one the same way):
 
 - ``generate``: run a diffusers pipeline (the built-in digits model by default) under a plan built
-  from xDiT's flags, save the pictures (`ditpass.generate`).
+  from xDiT's flags, save the pictures (`ditpass.tools.generate`).
 - ``run``: under ``torchrun``, parallelize a zoo transformer with ``--plan``, run it next to the
-  single-device forward, print the explanation and the max difference (`ditpass.verify`).
+  single-device forward, print the explanation and the max difference (`ditpass.tools.verify`).
 - ``inspect``: build a zoo model (on the ``meta`` device by default: no weights, no memory),
   capture it with the zoo's symbolic dims, analyse it and print `ditpass.explain`. With
   ``--plan`` the transformer passes run once, in this process, as rank 0 of the plan's world:
@@ -104,7 +104,7 @@ def _inspect(args) -> int:
     import torch
 
     from ditpass.capture import CaptureError, capture
-    from ditpass.explain import dry_run, explain
+    from ditpass.tools.explain import dry_run, explain
     from ditpass.models import NAMES, SIZES, build, dynamic_dims, make_inputs
     from ditpass.plan import Plan, PlanError
 
@@ -163,7 +163,7 @@ def _inspect(args) -> int:
 
     if args.svg:
         t = time.perf_counter()
-        from ditpass.render import to_svg
+        from ditpass.tools.render import to_svg
 
         what = f"{plan}, dry run as rank 0 of {plan.world_size}" if plan is not None else "captured graph"
         to_svg(gm, args.svg, title=f"{args.model} ({args.size}, {str(dtype).replace('torch.', '')}): {what}")

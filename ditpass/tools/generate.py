@@ -45,7 +45,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def plan_from_args(args):
-    from .plan import Plan
+    from ditpass.plan import Plan
 
     if args.plan:
         return Plan.parse(args.plan)

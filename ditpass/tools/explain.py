@@ -32,7 +32,7 @@ import sympy
 import torch
 import torch.fx
 
-from .analysis import _flat  # the same walk over nested outputs
+from ditpass.analysis import _flat  # the same walk over nested outputs
 
 __all__ = ["explain", "Explanation", "DryRun", "dry_run"]
 
@@ -53,7 +53,7 @@ def dry_run(captured, plan, rank: int = 0) -> DryRun:
     """Apply the transformer passes for ``plan`` to a copy of ``captured``'s graph as ``rank``.
 
     Nothing runs: collectives get placeholder group names (``dry-run:<axis>``), so the result is
-    for reading (`explain`, `ditpass.render.to_svg`), not for calling.
+    for reading (`explain`, `ditpass.tools.render.to_svg`), not for calling.
     """
     from ditpass.analysis import analyze
     from ditpass.mesh import ParallelDims

@@ -1,7 +1,7 @@
 """Backends: what runs the rewritten graph. One function, chosen by ``Plan.compile``.
 
 - ``eager``: the GraphModule itself.
-- ``inductor``: ``torch.compile(fullgraph=True)`` region by region (`ditpass.regional`): each
+- ``inductor``: ``torch.compile(fullgraph=True)`` region by region (`ditpass.backend.regional`): each
   distinct transformer block is compiled once and reused for every block of its kind; the glue
   between blocks runs eagerly. The inserted collectives are functional collectives and plain
   torch, so no region has a graph break; a break is an error.
