@@ -5,7 +5,8 @@
     print(ditpass.explain(pipe.transformer))
 """
 from .analysis import analyze
-from .api import ParallelModule, parallelize
+from .api import parallelize
+from .module import ParallelModule
 from .capture import CaptureError, Captured, capture
 from .tools.explain import explain  # eager: importing the submodule later would otherwise shadow the function
 from .plan import Plan, PlanError

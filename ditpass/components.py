@@ -1,11 +1,21 @@
-"""``ditpass.parallelize(pipe, plan)`` for a diffusers pipeline: CFG, data and sequence parallel.
+"""``ditpass.parallelize(pipe, plan)`` for a diffusers pipeline: components by role, one hook around the call.
 
     pipe = ditpass.parallelize(pipe, ditpass.Plan(cfg=2, ulysses=2))   # under torchrun, 4 ranks
     image = pipe(prompt, generator=torch.Generator().manual_seed(0)).images[0]
 
-No per-pipeline code. Every rank runs the whole pipeline (text encoders, scheduler, VAE) with the
-same inputs; only the transformer is parallel. ``pipe.transformer`` (and ``pipe.transformer_2``
-where a pipeline has two, e.g. Wan 2.2) is replaced by a `ditpass.ParallelModule` that
+No per-pipeline code. The pipeline's components are taken by role (`roles`): ``transformer`` (the
+denoisers: ``pipe.transformer``, and ``pipe.transformer_2`` where a pipeline has two, e.g. Wan 2.2) and
+``vae``; each role gets the passes the registry lists for it (`ditpass.passes.registry.passes_for`;
+the VAE has none yet, so it runs as it is). Every rank runs the whole pipeline (text encoders,
+scheduler, VAE) with the same inputs.
+
+**The pipeline hook.** ``pipe(...)`` runs inside `Generation`: one place that knows where a
+generation starts and ends, written once for every pipeline (the pipeline's class is swapped for a
+subclass of it, same name, whose ``__call__`` wraps the original). At the start it resets every
+wrapped model's run state (`ditpass.runtime.state.RunState`); every scheduler step counts as a step
+of that state; later passes hang their per-generation work here (PipeFusion's patch loop).
+
+Each transformer is replaced by a `ditpass.ParallelModule` that
 
 - runs the sequence-parallel graph when ``ring * ulysses > 1``;
 - when ``dp * cfg > 1``, splits the batch of each transformer call over the ``dp x cfg`` ranks
@@ -31,60 +41,102 @@ schedulers draw noise at each step). As a safeguard, the initial latents from th
 """
 from __future__ import annotations
 
+import contextlib
 from typing import Any
 
 import torch
 import torch.distributed as dist
 
-from .plan import Plan, PlanError
+from .errors import PlanError
+from .module import ParallelModule
+from .plan import Plan
 
-__all__ = ["parallelize_pipeline", "is_pipeline", "check_supported", "transformer_components"]
+__all__ = ["parallelize_pipeline", "is_pipeline", "roles", "Generation"]
 
-
-def check_supported(plan: Plan) -> None:
-    """Raise `PlanError` for plan fields whose pass does not exist yet."""
-    if plan.pipefusion > 1:
-        raise PlanError(
-            f"pipefusion={plan.pipefusion}: PipeFusion is not built yet: set pipefusion=1 (and drop "
-            f"patches); split the sequence with ulysses/ring and the batch with cfg/dp instead")
-    if plan.fastattn:
-        raise PlanError(f"fastattn={plan.fastattn!r}: DiTFastAttn is not built yet: leave fastattn unset")
-    if plan.overrides:
-        raise PlanError(
-            f"overrides={plan.overrides!r}: per-module overrides are validated, but no pass applies them yet; "
-            f"drop them and use the plan-wide fields (e.g. attention={plan.attention!r})")
+ROLES = ("transformer", "vae")
 
 
 def is_pipeline(obj: Any) -> bool:
     """True for a diffusers ``DiffusionPipeline`` (or anything shaped like one: ``components``)."""
     if isinstance(obj, torch.nn.Module):
         return False
-    try:
-        from diffusers import DiffusionPipeline
+    from diffusers import DiffusionPipeline
 
-        if isinstance(obj, DiffusionPipeline):
-            return True
-    except ImportError:  # pragma: no cover - diffusers is a dependency
-        pass
-    return isinstance(getattr(obj, "components", None), dict)
+    return isinstance(obj, DiffusionPipeline) or isinstance(getattr(obj, "components", None), dict)
 
 
-def transformer_components(pipe) -> dict[str, torch.nn.Module]:
-    """The pipeline's denoising transformers by component name (``transformer``, ``transformer_2``)."""
-    return {name: m for name, m in pipe.components.items()
-            if name.startswith("transformer") and isinstance(m, torch.nn.Module)}
+def roles(pipe) -> dict[str, dict[str, torch.nn.Module]]:
+    """The pipeline's modules by role: ``{"transformer": {"transformer": m, "transformer_2": m2}, "vae": {...}}``."""
+    out: dict[str, dict[str, torch.nn.Module]] = {role: {} for role in ROLES}
+    for name, m in pipe.components.items():
+        if not isinstance(m, torch.nn.Module):
+            continue
+        for role in ROLES:
+            if name == role or name.startswith(role + "_"):
+                out[role][name] = m
+    return out
+
+
+class Generation:
+    """The hook around one pipeline call: what starts and ends a generation (see the module doc)."""
+
+    def __init__(self, pipe):
+        self.pipe = pipe
+        self.count = 0  # generations run through the hook
+
+    def models(self) -> list[ParallelModule]:
+        return [m for group in roles(self.pipe).values() for m in group.values() if isinstance(m, ParallelModule)]
+
+    @contextlib.contextmanager
+    def run(self):
+        models = self.models()
+        for m in models:
+            m.ditpass_state.reset()
+        scheduler = getattr(self.pipe, "scheduler", None)
+        step = getattr(scheduler, "step", None)
+        if step is not None:
+            def counted(*args, **kwargs):
+                for m in models:
+                    m.ditpass_state.step += 1
+                return step(*args, **kwargs)
+
+            scheduler.step = counted  # an instance attribute: removed again below
+        try:
+            yield
+        finally:
+            if step is not None:
+                del scheduler.step
+            self.count += 1
+
+
+def _install_hook(pipe) -> Generation:
+    """Swap the pipeline's class for a same-named subclass whose ``__call__`` runs in `Generation`
+    (Python looks ``__call__`` up on the class, so an instance attribute would not do); idempotent."""
+    hook = pipe.__dict__.get("_ditpass_generation")
+    if hook is not None:
+        return hook
+    hook = pipe.__dict__["_ditpass_generation"] = Generation(pipe)
+    base = type(pipe)
+
+    def __call__(self, *args, **kwargs):
+        with self._ditpass_generation.run():
+            return base.__call__(self, *args, **kwargs)
+
+    pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
+                                                   "__qualname__": base.__qualname__})
+    return hook
 
 
 def parallelize_pipeline(pipe, plan: Plan):
-    """Replace the pipeline's transformer(s) by `ditpass.ParallelModule` for ``plan``; return ``pipe``.
+    """Wrap the pipeline's components for ``plan`` by role, install the hook; return ``pipe``.
 
     Calling it again with another plan re-wraps the original transformer (no nesting).
     """
-    from .api import ParallelModule
+    from ditpass.passes.registry import check_built
 
-    check_supported(plan)
-    found = transformer_components(pipe)
-    if not found:
+    check_built(plan)
+    by_role = roles(pipe)
+    if not by_role["transformer"]:
         denoisers = [n for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)]
         raise PlanError(
             f"{type(pipe).__name__} has no transformer component (its modules: {', '.join(denoisers) or 'none'}): "
@@ -92,10 +144,11 @@ def parallelize_pipeline(pipe, plan: Plan):
             f"UNet pipelines are not supported")
     world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else None
     plan.validate(world)
-    for name, module in found.items():
+    for name, module in by_role["transformer"].items():
         if isinstance(module, ParallelModule):
             module = module.module
         setattr(pipe, name, ParallelModule(module, plan))
+    _install_hook(pipe)
     _same_initial_latents(pipe)
     return pipe
 

@@ -16,16 +16,53 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 import torch.distributed as dist
 
 from ditpass.plan import DEGREES, Plan, PlanError
 
-__all__ = ["AXES", "ParallelDims", "init_distributed"]
+__all__ = ["AXES", "FLATTENED", "ParallelDims", "Placement", "init_distributed"]
 
 AXES = DEGREES
+# groups over several axes that passes address as one: the sequence ranks and the batch ranks
+FLATTENED = {"sp": ("ring", "ulysses"), "batch": ("dp", "cfg")}
+
+
+@dataclass(frozen=True)
+class Placement:
+    """This rank's place in the mesh: its coordinate and group along every axis.
+
+    ``groups`` maps each axis, and each flattened group of `FLATTENED` (``"sp"``: ring x ulysses,
+    ``"batch"``: dp x cfg), to the c10d group name of the ranks that share this rank's other
+    coordinates; ``""`` where the degree is 1. A dry run (one process, nothing executed) has names
+    ``"dry-run:<axis>"``. Passes read the placement, never the mesh."""
+
+    rank: int
+    world_size: int
+    degrees: dict[str, int]  # axis -> degree, outer to inner
+    coords: dict[str, int]  # axis -> this rank's coordinate
+    groups: dict[str, str] = field(default_factory=dict)
+    dry_run: bool = False
+
+    def degree(self, axis: str) -> int:
+        return math.prod(self.degrees[a] for a in FLATTENED.get(axis, (axis,)))
+
+    def coord(self, axis: str) -> int:
+        """Coordinate along an axis; along a flattened group, row-major over its axes."""
+        c = 0
+        for a in FLATTENED.get(axis, (axis,)):
+            c = c * self.degrees[a] + self.coords[a]
+        return c
+
+    def group(self, axis: str) -> str:
+        return self.groups.get(axis, "")
+
+    @property
+    def sp(self) -> int:
+        """Sequence-parallel degree (ring x ulysses)."""
+        return self.degree("sp")
 
 
 @dataclass(frozen=True)
@@ -73,6 +110,24 @@ class ParallelDims:
         stride = self._stride(axis)
         first = rank - self.coords(rank)[axis] * stride
         return [first + i * stride for i in range(self.degrees[axis])]
+
+    def placement(self, rank: int, mesh=None) -> Placement:
+        """``rank``'s `Placement`. With ``mesh`` (every rank must call this then: flattened groups are
+        created collectively) the group names are the mesh's; without it, dry-run names."""
+        self._check(None, rank)
+        groups: dict[str, str] = {}
+        for name in (*AXES, *FLATTENED):
+            axes = [a for a in FLATTENED.get(name, (name,)) if self.degrees[a] > 1]
+            if not axes:
+                continue
+            if mesh is None:
+                groups[name] = f"dry-run:{name}"
+            elif len(axes) == 1:
+                groups[name] = mesh[axes[0]].get_group().group_name
+            else:
+                groups[name] = mesh[tuple(axes)]._flatten(name).get_group().group_name
+        return Placement(rank, self.world_size, self.degrees, self.coords(rank), groups,
+                         dry_run=mesh is None and self.world_size > 1)
 
     def build_mesh(self, device_type: str | None = None):
         """A DeviceMesh over the default process group with all five axes, size-1 ones too,

@@ -29,18 +29,16 @@ import os
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+from .errors import PlanError
+
 __all__ = ["Plan", "PlanError", "COMPILE_BACKENDS", "ATTENTION_BACKENDS", "OVERRIDE_KEYS"]
 
-COMPILE_BACKENDS = ("eager", "inductor", "onediff", "nexfort")
+COMPILE_BACKENDS = ("eager", "inductor", "nexfort")
 ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 # key -> type its value must have in an override dict
 OVERRIDE_KEYS = {"sequence_parallel": bool, "fastattn": bool, "attention": str}
 # Mesh axes, outer to inner; the order of the degree product everywhere.
 DEGREES = ("dp", "cfg", "pipefusion", "ring", "ulysses")
-
-
-class PlanError(ValueError):
-    """A plan that cannot run as given; the message names the field and the fix."""
 
 
 @dataclass(frozen=True)
@@ -69,7 +67,7 @@ class Plan:
     ulysses: int = 1
     # DiTFastAttn: None/False = off, True = calibrate a plan now, str = path of a saved plan
     fastattn: bool | str | None = None
-    # graph backend: "eager" (no compile), "inductor" (torch.compile), "onediff", "nexfort"
+    # graph backend: "eager" (no compile), "inductor" (torch.compile), "nexfort" (onediff's compiler)
     compile: str = "eager"
     # SDPA kernel: "auto" lets torch choose, else "flash", "efficient", "cudnn" or "math"
     attention: str = "auto"

@@ -37,7 +37,7 @@ import torch.fx
 from ditpass.analysis.blocks import ancestors_in_block
 from ditpass.analysis.symbolic import node_val
 from ditpass.pass_base import GraphPass, PassContext, PassResult
-from ditpass.runtime import seq
+from ditpass.runtime.ops import OPS
 
 aten = torch.ops.aten
 
@@ -62,8 +62,8 @@ def _attr(gm: torch.fx.GraphModule, node) -> torch.Tensor | None:
 
 
 def _feeding_sends(gm: torch.fx.GraphModule) -> set:
-    """Nodes that a Ulysses all-to-all (`seq.ulysses_send`) depends on, within its block."""
-    sends = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is seq.ulysses_send]
+    """Nodes that a Ulysses all-to-all (``torch.ops.ditpass.ulysses_send``) depends on, within its block."""
+    sends = [n for n in gm.graph.nodes if n.op == "call_function" and n.target is OPS["ulysses_send"]]
     return set().union(*(ancestors_in_block(n) for n in sends))
 
 

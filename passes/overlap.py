@@ -1,7 +1,7 @@
 """Overlap: start each Ulysses all-to-all before the block's independent work, not after it.
 
-The sequence-parallel pass starts the all-to-all of q, k, v in its own node (`seq.ulysses_send`) and waits
-for it in `seq.seq_attention`. Where the graph puts that node decides what can run while the data
+The sequence-parallel pass starts the all-to-all of q, k, v in its own node (``torch.ops.ditpass.ulysses_send``) and waits
+for it in ``torch.ops.ditpass.attention``. Where the graph puts that node decides what can run while the data
 travels: in the model's own order, a FLUX single block computes its MLP input projection and GELU
 (a third of the block's matrix work) *before* the attention projections, so the all-to-all would start
 after the MLP and the GPU would idle until it arrives.
@@ -21,11 +21,11 @@ from __future__ import annotations
 
 import torch.fx
 
+from ditpass.analysis import ops
 from ditpass.analysis.blocks import ancestors_in_block
-from ditpass.pass_base import GraphPass, PassContext, PassResult
-from ditpass.runtime import seq
+from ditpass.pass_base import GraphPass, PassContext, PassResult, Table
+from ditpass.runtime.ops import OPS
 
-from .sequence_parallel import _mutates
 
 
 class Overlap(GraphPass):
@@ -36,7 +36,7 @@ class Overlap(GraphPass):
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         moved_by_block: dict[str, int] = {}
-        for send in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is seq.ulysses_send]:
+        for send in [n for n in gm.graph.nodes if n.op == "call_function" and n.target is OPS["ulysses_send"]]:
             block = send.meta.get("ditpass_block")
             if block is None:
                 continue
@@ -45,7 +45,7 @@ class Overlap(GraphPass):
             while n.op == "call_function" and (n.meta.get("ditpass_block") == block or "ditpass_block" not in n.meta):
                 before.append(n)
                 n = n.prev
-            if any(_mutates(m) for m in before):
+            if any(ops.mutates(m.target) for m in before):
                 continue  # an in-place op in between: moving a reader past it would change what it reads
             feeds = ancestors_in_block(send)
             span, movable = set(before), set()
@@ -64,4 +64,7 @@ class Overlap(GraphPass):
         moved = sum(moved_by_block.values())
         note = (f"moved {moved} nodes of {len(moved_by_block)} blocks after their all-to-all's start, to run "
                 f"while q/k/v travel" if moved else "no block has work independent of its attention's inputs")
-        return PassResult(self.name, moved > 0, notes=[note], details={"moved_per_block": moved_by_block})
+        table = Table("nodes moved after the all-to-all's start", ["block", "nodes moved"],
+                      [[b, k] for b, k in moved_by_block.items()], fold="block")
+        return PassResult(self.name, moved > 0, notes=[note], tables=[table] if moved else [],
+                          details={"moved_per_block": moved_by_block})

@@ -1,28 +1,44 @@
-"""The one place that orders the transformer passes. Each is behind its plan field.
+"""The one place that says which passes run on which component of a model, and in what order.
 
-Order, and why:
-1. sequence_parallel: first, because every later pass (PipeFusion's stage cut, DiTFastAttn's
-   caches, the compile backend) must see the sharded shapes and the collectives it inserted.
-2. fuse_projections: merges the linears of one block that read one input (q/k/v) into one
-   matmul. After sequence_parallel, which works from the analysis of the graph as captured (node
-   by node); the split it adds is along features, so sharded token dims are untouched.
-3. overlap: moves each block's work that its attention does not need to after the start of the
-   Ulysses all-to-all (`seq.ulysses_send`), so it runs while q/k/v travel. After the passes that
-   add or merge nodes, so it orders the final nodes.
-4. tidy: last, drops no-op nodes (asserts, same-dtype ``.to()``, p=0 dropout) that cost host time
+``passes_for(component, plan)``: the passes of one component (``"transformer"``: a denoising
+transformer; ``"vae"``: the VAE decoder), each behind its plan field; those that are off report 'no
+change'. Plan fields whose pass does not exist yet are refused here (`check_built`), and nowhere else.
+
+Transformer order, and why:
+1. attention_sites: first, because every pass that changes how attention runs refines a site's entry
+   in the site table instead of rewriting the node: the sites must exist before them.
+2. batch_parallel: CFG / data parallel. It changes no node (the batch is split around the graph, which
+   is captured at this rank's rows); listed so that explain reports it with the others.
+3. sequence_parallel: before every pass that adds or moves nodes, because it works from the analysis
+   of the graph as captured (node by node), and every later pass (PipeFusion's stage cut,
+   DiTFastAttn's caches, the compile backend) must see the sharded shapes and its collectives.
+4. fuse_projections: merges the linears of one block that read one input (q/k/v) into one matmul;
+   the split it adds is along features, so sharded token dims are untouched.
+5. overlap: moves each block's work that its attention does not need to after the start of the
+   Ulysses all-to-all (``ditpass::ulysses_send``), so it runs while q/k/v travel. After the passes
+   that add or merge nodes, so it orders the final nodes.
+6. tidy: last, drops no-op nodes (asserts, same-dtype ``.to()``, p=0 dropout) that cost host time
    when the graph runs eagerly; after the analysis-driven passes, which name nodes it might drop.
+
+The VAE has no passes yet (the parallel VAE is a later pass): its list is empty.
 """
 from __future__ import annotations
 
 import os
 
+from ditpass.errors import PlanError
 from ditpass.pass_base import GraphPass
-from ditpass.plan import Plan
 
+from .attention_sites import AttentionSites
+from .batch_parallel import BatchParallel
 from .fuse_projections import FuseProjections
 from .overlap import Overlap
 from .sequence_parallel import SequenceParallel
 from .tidy import Tidy
+
+__all__ = ["passes_for", "check_built", "COMPONENTS"]
+
+COMPONENTS = ("transformer", "vae")
 
 
 class _Skipped(GraphPass):
@@ -37,12 +53,31 @@ class _Skipped(GraphPass):
         return False
 
 
-def transformer_passes(plan: Plan) -> list[GraphPass]:
-    """The passes for one transformer graph, in order (those that are off report 'no change').
+def check_built(plan) -> None:
+    """Raise `PlanError` for plan fields whose pass does not exist yet (the one place that refuses them)."""
+    if plan.pipefusion > 1:
+        raise PlanError(
+            f"pipefusion={plan.pipefusion}: PipeFusion is not built yet: set pipefusion=1 (and drop "
+            f"patches); split the sequence with ulysses/ring and the batch with cfg/dp instead")
+    if plan.fastattn:
+        raise PlanError(f"fastattn={plan.fastattn!r}: DiTFastAttn is not built yet: leave fastattn unset")
+    if plan.overrides:
+        raise PlanError(
+            f"overrides={plan.overrides!r}: per-module overrides are validated, but no pass applies them yet; "
+            f"drop them and use the plan-wide fields (e.g. attention={plan.attention!r})")
+
+
+def passes_for(component: str, plan) -> list[GraphPass]:
+    """The passes for one component's graph, in order (see the module docstring).
 
     ``DITPASS_SKIP_PASSES=overlap,tidy`` (comma-separated names) turns passes off for the builds that
-    follow, to see or time what each does; sequence_parallel can't be skipped when the plan needs it."""
-    passes = [SequenceParallel(), FuseProjections(), Overlap(), Tidy()]
+    follow, to see or time what each does; a pass the plan needs can't be skipped."""
+    check_built(plan)
+    if component == "vae":
+        return []
+    if component != "transformer":
+        raise ValueError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
+    passes = [AttentionSites(), BatchParallel(), SequenceParallel(), FuseProjections(), Overlap(), Tidy()]
     skip = {s.strip() for s in os.environ.get("DITPASS_SKIP_PASSES", "").split(",") if s.strip()}
     unknown = skip - {p.name for p in passes}
     if unknown:
@@ -50,4 +85,6 @@ def transformer_passes(plan: Plan) -> list[GraphPass]:
                          f"passes: {', '.join(p.name for p in passes)}")
     if "sequence_parallel" in skip and plan.sp > 1:
         raise ValueError("DITPASS_SKIP_PASSES=sequence_parallel with a sequence-parallel plan: the plan needs it")
+    if "attention_sites" in skip:
+        raise ValueError("DITPASS_SKIP_PASSES=attention_sites: every attention pass works on the sites it makes")
     return [_Skipped(p) if p.name in skip else p for p in passes]

@@ -26,7 +26,7 @@ from .attention import AttentionSite, Segment, find_attention, is_sdpa, visual_s
 from .blocks import BlockGroup, find_blocks, module_path
 from .symbolic import ExprClasses, build_classes, dim_exprs, node_val
 
-__all__ = ["analyze", "Analysis", "AttentionSite", "Segment", "BlockGroup", "token_dims", "is_sdpa"]
+__all__ = ["analyze", "Analysis", "AttentionSite", "Segment", "BlockGroup", "token_dims", "is_sdpa", "flat"]
 
 
 @dataclass
@@ -143,17 +143,18 @@ def analyze(obj) -> Analysis:
                     inputs[node.name] = td
     out_node = next(n for n in reversed(graph.nodes) if n.op == "output")
     outs = []
-    for a in _flat(out_node.args):
+    for a in flat(out_node.args):
         outs.append(token_dims(a) if isinstance(a, torch.fx.Node) else {})
     return Analysis(gm, classes, sites, groups, tcls, inputs, outs, ccls, visual)
 
 
-def _flat(a):
+def flat(a):
+    """The leaves of nested lists, tuples and dicts (an FX node's args), in order."""
     if isinstance(a, (list, tuple)):
         for x in a:
-            yield from _flat(x)
+            yield from flat(x)
     elif isinstance(a, dict):
         for x in a.values():
-            yield from _flat(x)
+            yield from flat(x)
     else:
         yield a

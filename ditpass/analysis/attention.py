@@ -32,17 +32,15 @@ import sympy
 import torch
 import torch.fx
 
+from . import ops
 from .blocks import block_path, module_path
 from .symbolic import ExprClasses, dim_exprs, node_val
 
-__all__ = ["AttentionSite", "find_attention", "SDPA_TARGETS", "is_sdpa"]
-
-SDPA_TARGETS = {torch.ops.aten.scaled_dot_product_attention.default, torch.nn.functional.scaled_dot_product_attention}
-_MATMULS = {"matmul", "bmm", "mm", "einsum", "baddbmm"}
+__all__ = ["AttentionSite", "find_attention", "is_sdpa"]
 
 
 def is_sdpa(node: torch.fx.Node) -> bool:
-    return node.op == "call_function" and node.target in SDPA_TARGETS
+    return node.op == "call_function" and node.target in ops.SDPA
 
 
 @dataclass
@@ -255,7 +253,7 @@ def find_attention(graph: torch.fx.Graph, classes: ExprClasses, visual: set | No
                 int(q.shape[-1]), tuple(qs), tuple(ks), tuple(vs), qs[-2], ks[-2], qseg, kseg,
                 mask is not None, bool(causal),
                 tuple(dim_exprs(mval)) if isinstance(mval, torch.Tensor) else None, folded)
-        elif node.op == "call_function" and getattr(node.target, "__name__", "").split(".")[0] in _MATMULS:
+        elif node.op == "call_function" and node.target in ops.MATMUL:
             site = _matmul_site(node, classes, visual)
             if site is None:
                 continue
@@ -291,7 +289,7 @@ def _matmul_site(node: torch.fx.Node, classes: ExprClasses, visual: set) -> Atte
     sequence (``q k^T``). Linear layers (``x @ W``), RoPE rotations and position outer products
     keep the token dim as a batch or row dim and are not sites; one-operand einsums
     (unpatchify permutations) neither."""
-    name = getattr(node.target, "__name__", "").split(".")[0]
+    name = ops.name_of(node.target)
     out = dim_exprs(node_val(node))
     tensors = [a for a in node.args if isinstance(a, torch.fx.Node)]
     if name == "einsum" and len(node.args) > 1 and isinstance(node.args[1], (list, tuple)):

@@ -23,7 +23,11 @@ import sympy
 import torch
 import torch.fx
 
+from . import ops
+
 __all__ = ["node_val", "dim_exprs", "ExprClasses", "is_pointwise"]
+
+is_pointwise = ops.is_pointwise  # re-exported: one answer for the analysis and the passes
 
 
 def node_val(node: torch.fx.Node):
@@ -42,19 +46,6 @@ def dim_exprs(val) -> tuple[sympy.Expr, ...] | None:
     if isinstance(val, torch.Tensor):
         return tuple(to_expr(s) for s in val.shape)
     return None
-
-
-_DTYPE_ONLY = {"type_as"}  # the other operand gives only a dtype: its shape does not broadcast
-_POINTWISE_EXTRA = {"where", "masked_fill", "lerp", "addcmul", "addcdiv", "_to_copy", "type_as"}
-
-
-def is_pointwise(target) -> bool:
-    """True for elementwise ops whose tensor inputs broadcast against each other."""
-    tags = getattr(target, "tags", ())
-    if torch.Tag.pointwise in tags:
-        return True
-    name = getattr(target, "__name__", str(target)).split(".")[0]
-    return name in _POINTWISE_EXTRA
 
 
 class ExprClasses:
@@ -145,8 +136,8 @@ def build_classes(graph: torch.fx.Graph) -> ExprClasses:
         if node.op != "call_function":
             continue
         val = node_val(node)
-        name = getattr(node.target, "__name__", str(node.target))
-        if name.startswith(("cat", "concat")) and isinstance(val, torch.Tensor):
+        name = ops.name_of(node.target)
+        if name in ("cat", "concat") and isinstance(val, torch.Tensor):
             tensors = node.args[0]
             dim = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim", 0)
             ins = [dim_exprs(node_val(t)) for t in tensors if isinstance(t, torch.fx.Node)]
@@ -156,7 +147,7 @@ def build_classes(graph: torch.fx.Graph) -> ExprClasses:
                 out = dim_exprs(val)
                 classes.add_parts(out[d], [s[d] for s in ins if s[d] != 0])
         if is_pointwise(node.target) and isinstance(val, torch.Tensor):
-            data = node.args[:1] if name.split(".")[0] in _DTYPE_ONLY else node.args
+            data = node.args[:1] if ops.dtype_only_operands(node.target) else node.args
             shapes = [dim_exprs(node_val(a)) for a in data if isinstance(a, torch.fx.Node)]
             shapes = [s for s in shapes if s]
             out = dim_exprs(val)

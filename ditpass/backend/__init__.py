@@ -5,7 +5,8 @@
   distinct transformer block is compiled once and reused for every block of its kind; the glue
   between blocks runs eagerly. The inserted collectives are functional collectives and plain
   torch, so no region has a graph break; a break is an error.
-- ``onediff`` / ``nexfort``: used where installed; otherwise an error that says what to install.
+- ``nexfort``: onediff's compiler with its nexfort backend, where installed; otherwise an error that
+  says what to install.
 """
 from __future__ import annotations
 
@@ -26,14 +27,14 @@ def compile_graph(gm: torch.fx.GraphModule, backend: str):
         from .regional import compile_regions
 
         return compile_regions(gm)
-    if backend in ("onediff", "nexfort"):
+    if backend == "nexfort":
         try:
             import nexfort  # noqa: F401
             from onediff.infer_compiler import compile as od_compile
         except ImportError as exc:
             raise BackendError(
-                f"Plan(compile={backend!r}) needs onediff and nexfort (pip install 'ditpass[onediff]'); "
+                f"Plan(compile='nexfort') needs onediff and nexfort (pip install 'ditpass[nexfort]'); "
                 f"they are not importable with torch {torch.__version__} here ({exc}). "
                 "Use compile='inductor' instead.") from exc
         return od_compile(gm, backend="nexfort")
-    raise BackendError(f"unknown backend {backend!r}: use eager, inductor, onediff or nexfort")
+    raise BackendError(f"unknown backend {backend!r}: use eager, inductor or nexfort")

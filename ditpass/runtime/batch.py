@@ -31,10 +31,11 @@ from dataclasses import dataclass
 from typing import Any, Callable
 
 import torch
-import torch.distributed._functional_collectives as funcol
 from torch.utils import _pytree as pytree
 
-from ditpass.plan import PlanError
+from ditpass.errors import PlanError
+
+from .seq import all_gather
 
 __all__ = ["BatchLayout", "BatchSplit", "batch_size_of", "split_inputs", "gather_output"]
 
@@ -123,18 +124,12 @@ def split_inputs(layout: BatchLayout, args: tuple, kwargs: dict) -> tuple[tuple,
     return pytree.tree_map(cut, (tuple(args), dict(kwargs)))
 
 
-def all_gather_rows(x: torch.Tensor, group: str) -> torch.Tensor:
-    """All-gather along dim 0 over the process group named ``group`` (functional, waited)."""
-    g = funcol.all_gather_tensor(x.contiguous(), 0, group)
-    return funcol.wait_tensor(g) if hasattr(funcol, "wait_tensor") else g
-
-
 def gather_output(layout: BatchLayout, out: Any, group: str) -> Any:
     """Every output tensor of ``layout.local`` rows gathered back into the full batch."""
 
     def full(v):
         if _batched_tensor(v) and v.shape[0] == layout.local:
-            return layout.assemble(all_gather_rows(v, group))
+            return layout.assemble(all_gather(v, layout.dp * layout.cfg, group))
         return v
 
     return pytree.tree_map(full, out)
@@ -154,19 +149,12 @@ class BatchSplit:
         self.last_layout: BatchLayout | None = None
 
     @classmethod
-    def from_plan(cls, plan, dims, rank: int, mesh, owner: str = "transformer") -> "BatchSplit | None":
-        """None when ``dp * cfg == 1``; else the split for global ``rank``. Every rank must call
-        this (it may create the flattened ``dp x cfg`` process group)."""
-        if plan.dp * plan.cfg == 1:
+    def from_placement(cls, placement, owner: str = "transformer") -> "BatchSplit | None":
+        """None when ``dp * cfg == 1``; else the split for this rank (`ditpass.mesh.Placement`)."""
+        if placement.degree("batch") == 1:
             return None
-        if mesh is None:  # world of 1 with dp/cfg > 1 cannot pass Plan.validate; keep a clear error
-            raise PlanError(f"{plan} needs {plan.world_size} processes: launch with torchrun")
-        if plan.dp > 1 and plan.cfg > 1:
-            sub = mesh["dp", "cfg"]._flatten("dp_cfg")
-        else:
-            sub = mesh["dp" if plan.dp > 1 else "cfg"]
-        c = dims.coords(rank)
-        return cls(plan.dp, plan.cfg, c["dp"], c["cfg"], sub.get_group().group_name, owner)
+        return cls(placement.degrees["dp"], placement.degrees["cfg"], placement.coords["dp"],
+                   placement.coords["cfg"], placement.group("batch"), owner)
 
     def layout(self, batch: int) -> BatchLayout:
         if self.cfg > 1 and batch % self.cfg:

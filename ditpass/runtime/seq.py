@@ -10,15 +10,22 @@ Chunks past the end are *edge padded* (copies of the segment's last token), so t
 on pad tokens compute the same finite values as on a real token, and attention drops pad keys
 by slicing (no mask, so fused kernels stay usable). Results are exact, not approximate.
 
-Every function here is plain torch plus functional collectives, so export, FX and
-``torch.compile`` trace through it. Group arguments are c10d group names (strings).
+These are the bodies of the ``ditpass::`` custom ops (`ditpass.runtime.ops`): plain torch and
+functional collectives, run eagerly inside the op. Group arguments are c10d group names (strings).
 """
 from __future__ import annotations
 
 import torch
-import torch.distributed._functional_collectives as funcol
 
-__all__ = ["chunk_len", "local_len", "shard", "gather", "ulysses_send", "seq_attention", "sdpa_lse", "merge_lse"]
+__all__ = ["all_gather", "chunk_len", "local_len", "shard", "gather", "ulysses_send", "seq_attention", "sdpa_lse", "merge_lse"]
+
+
+_c10d = torch.ops._c10d_functional  # the functional collectives' ops: plain tensors in, plain tensors out
+
+
+def all_gather(x: torch.Tensor, n: int, group: str) -> torch.Tensor:
+    """The ``n`` ranks' ``x`` concatenated along dim 0 (waited)."""
+    return _c10d.wait_tensor(_c10d.all_gather_into_tensor(x.contiguous(), n, group))
 
 
 def chunk_len(length, n: int):
@@ -55,8 +62,7 @@ def gather(x: torch.Tensor, dim: int, lengths: list, n: int, group: str) -> torc
     """The full tensor from every rank's shard: all-gather, drop padding, restore segment order."""
     dim = dim % x.dim()
     xm = x.movedim(dim, 0).contiguous()
-    g = funcol.all_gather_tensor(xm, 0, group)  # [n * S, ...]
-    g = funcol.wait_tensor(g) if hasattr(funcol, "wait_tensor") else g
+    g = all_gather(xm, n, group)  # [n * S, ...]
     g = g.view(n, xm.shape[0], *xm.shape[1:])
     parts, off = [], 0
     for L in lengths:
@@ -68,9 +74,9 @@ def gather(x: torch.Tensor, dim: int, lengths: list, n: int, group: str) -> torc
 
 
 def _a2a(t: torch.Tensor, group: str) -> torch.Tensor:
-    """all_to_all over dim 0 (one equal slice per rank), waited."""
-    out = funcol.all_to_all_single(t.contiguous(), None, None, group)
-    return funcol.wait_tensor(out) if hasattr(funcol, "wait_tensor") else out
+    """all_to_all over dim 0 (one slice per rank: ``t.shape[0]`` is the group's size), waited."""
+    splits = [1] * t.shape[0]
+    return _c10d.wait_tensor(_c10d.all_to_all_single(t.contiguous(), splits, splits, group))
 
 
 def _positions(lengths: list, n: int, ranks: list, compact: bool, device) -> torch.Tensor:
@@ -112,11 +118,9 @@ def _additive(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
-@torch._dynamo.assume_constant_result
 def _sdpa_flags() -> tuple[bool, bool, bool]:
-    """torch's SDPA backend flags (flash, cudnn, efficient). A constant to ``torch.compile``, which can't
-    trace the flag getters: a compiled region keeps the kernel choice of its first call (the plan's
-    ``attention`` backend, fixed for a parallelized model)."""
+    """torch's SDPA backend flags (flash, cudnn, efficient), read when the op runs (it is opaque to
+    ``torch.compile``, so the flags of each call count)."""
     f = torch.backends.cuda
     return f.flash_sdp_enabled(), f.cudnn_sdp_enabled(), f.mem_efficient_sdp_enabled()
 
@@ -199,7 +203,8 @@ def ulysses_send(q, k, v, u: int, ulysses_group: str):
     memory the projections leave behind, so the one copy per tensor (the stack) moves runs of h*D
     values, and what arrives is [u (source), B, S, 3, h, D]: for B == 1 the q, k, v of the whole
     sequence are views of it (no copy) in the packed [B, S, 3, H, D] layout that the fused attention
-    kernels take as is."""
+    kernels take as is. The result is a plain tensor whose collective is in flight (the functional
+    collective op, not its async wrapper), so it can leave a custom op; ``wait_tensor`` finishes it."""
     B, H, S, D = q.shape
     Hp = chunk_len(H, u) * u
     if Hp != H:
@@ -207,38 +212,39 @@ def ulysses_send(q, k, v, u: int, ulysses_group: str):
         q, k, v = (torch.nn.functional.pad(t, pad) for t in (q, k, v))
     h = Hp // u
     qkv = torch.stack([t.transpose(1, 2).reshape(B, S, u, h, D).permute(2, 0, 1, 3, 4) for t in (q, k, v)], 3)
-    return funcol.all_to_all_single(qkv.contiguous(), None, None, ulysses_group)
+    splits = [qkv.shape[0] // u] * u
+    return _c10d.all_to_all_single(qkv.contiguous(), splits, splits, ulysses_group)
 
 
-def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses_rank: int, ring_rank: int,
-                  ulysses_group: str, ring_group: str, mask=None, sent=None):
-    """Exact attention over a sequence sharded on dim 2 of ``q, k, v`` ([B, H, S, D]).
+def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None):
+    """Exact attention over a sequence sharded on dim 2 of ``q, k, v`` ([B, H, S, D]) as strategy ``s``
+    (`ditpass.runtime.sites.SeqAttention`: degrees, this rank's coordinates, group names) says.
 
-    Ulysses (``u > 1``): all-to-all turns [B, H, S] into [B, H/u, u*S] (`ulysses_send`; ``sent`` is its
-    result when the graph started it earlier); padded heads are dropped after. Ring (``r > 1``): K/V of
-    the ``r`` ring ranks are exchanged and the partial results merged by log-sum-exp. Both: USP on a
-    2-D mesh.
+    Ulysses (``s.u > 1``): all-to-all turns [B, H, S] into [B, H/u, u*S] (`ulysses_send`; ``sent`` is its
+    result when the graph started it earlier); padded heads are dropped after. Ring (``s.r > 1``): K/V
+    of the ``r`` ring ranks are exchanged and the partial results merged by log-sum-exp. Both: USP on
+    a 2-D mesh.
     """
+    u, r, n = s.u, s.r, s.n
     B, H, S, D = q.shape
     if u > 1:
         if sent is None:
-            sent = ulysses_send(q, k, v, u, ulysses_group)
-        qkv = funcol.wait_tensor(sent) if hasattr(funcol, "wait_tensor") else sent  # [u (source), B, S, 3, h, D]
+            sent = ulysses_send(q, k, v, u, s.ulysses_group)
+        qkv = _c10d.wait_tensor(sent)  # [u (source), B, S, 3, h, D]
         h = qkv.shape[4]
         qkv = qkv.transpose(0, 1).reshape(B, u * S, 3, h, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, h, u*S, D]
-    uly_ranks = list(range(u)) if u > 1 else [ulysses_rank]
+    uly_ranks = list(range(u)) if u > 1 else [s.ulysses_rank]
     # a mask is in global order; pick the rows of our queries and the columns of each key chunk
-    rows = None if mask is None else _positions(lengths, n, [ring_rank * u + i for i in uly_ranks], False, q.device)
+    rows = None if mask is None else _positions(lengths, n, [s.ring_rank * u + i for i in uly_ranks], False, q.device)
     if r == 1:
-        srcs = [ring_rank * u + i for i in uly_ranks]
+        srcs = [s.ring_rank * u + i for i in uly_ranks]
         m = None if mask is None else _mask_for(mask, rows, _positions(lengths, n, srcs, True, q.device))
         out = torch.nn.functional.scaled_dot_product_attention(
             q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), attn_mask=m, scale=scale)
     else:
         kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)])  # [2, B, u*S, h, D], token-major
-        kv = funcol.all_gather_tensor(kv, 0, ring_group)
-        kv = funcol.wait_tensor(kv) if hasattr(funcol, "wait_tensor") else kv
+        kv = all_gather(kv, r, s.ring_group)
         kv = kv.view(r, 2, B, k.shape[2], k.shape[1], D).transpose(3, 4)  # [r, 2, B, h, u*S, D]
         acc, lse = None, None
         for j in range(r):
@@ -254,7 +260,7 @@ def seq_attention(q, k, v, scale, lengths: list, n: int, u: int, r: int, ulysses
         # back: send [u (dest: the rank these tokens came from), B, S, h, D], token-major again
         h = out.shape[1]
         t = out.transpose(1, 2).reshape(B, u, S, h, D).transpose(0, 1)
-        t = _a2a(t, ulysses_group)  # [u (source = head group), B, S, h, D]
+        t = _a2a(t, s.ulysses_group)  # [u (source = head group), B, S, h, D]
         # as [B, S, H, D] memory: the graph's next ops (permute to [B, S, H, D], flatten the
         # heads) are views, not another copy
         out = t.permute(1, 2, 0, 3, 4).reshape(B, S, u * h, D)[:, :, :H].transpose(1, 2)

@@ -32,57 +32,25 @@ import sympy
 import torch
 import torch.fx
 
-from ditpass.analysis import _flat  # the same walk over nested outputs
+from ditpass.analysis import flat
 
-__all__ = ["explain", "Explanation", "DryRun", "dry_run"]
-
-
-@dataclass
-class DryRun:
-    """The passes applied in one process as one rank of a plan (what `dry_run` returns)."""
-
-    captured: Any  # Captured
-    analysis: Any  # Analysis of ``graph_module`` before the passes
-    plan: Any  # Plan
-    rank: int
-    results: list  # [PassResult]
-    graph_module: torch.fx.GraphModule  # the rewritten copy
+__all__ = ["explain", "Explanation", "dry_run"]
 
 
-def dry_run(captured, plan, rank: int = 0) -> DryRun:
-    """Apply the transformer passes for ``plan`` to a copy of ``captured``'s graph as ``rank``.
+def dry_run(captured, plan, rank: int = 0):
+    """Build ``captured`` for ``plan`` as ``rank`` of the plan's world, in this one process: the same
+    `ditpass.build.build` that a parallelized model runs, with dry-run group names and no backend.
 
-    Nothing runs: collectives get placeholder group names (``dry-run:<axis>``), so the result is
-    for reading (`explain`, `ditpass.tools.render.to_svg`), not for calling.
-    """
-    from ditpass.analysis import analyze
+    Nothing runs: the result (a `ditpass.build.Record`) is for reading (`explain`,
+    `ditpass.tools.render.to_svg`), not for calling."""
+    from ditpass.build import build
     from ditpass.mesh import ParallelDims
-    from ditpass.pass_base import PassContext, run_passes
-    from ditpass.passes.registry import transformer_passes
-    from ditpass.passes.sequence_parallel import SeqConfig
 
     if not captured.whole:
         raise ValueError(f"{type(captured.module).__name__} was captured in pieces ({captured.method}); "
                          "the passes need one whole graph")
-    src = captured.graph_module
-    graph = torch.fx.Graph()
-    graph.output(graph.graph_copy(src.graph, {}))
-    graph._codegen = src.graph._codegen
-    gm = torch.fx.GraphModule(src, graph, type(src).__name__)
-    analysis = analyze(gm)
-    heads = [s.heads for s in analysis.sites if s.heads and s.kind in ("self", "joint", "text")]
-    plan.validate(plan.world_size, heads=min(heads) if heads else None,
-                  num_blocks=sum(len(g) for g in analysis.transformer_blocks) or None)
-    dims = ParallelDims(plan, plan.world_size)
-    c = dims.coords(rank)
-    u, r = plan.ulysses, plan.ring
-    cfg = SeqConfig(n=u * r, u=u, r=r, p=c["ring"] * u + c["ulysses"], ulysses_rank=c["ulysses"],
-                    ring_rank=c["ring"], sp_group="dry-run:sp", ulysses_group="dry-run:ulysses" if u > 1 else "",
-                    ring_group="dry-run:ring" if r > 1 else "")
-    ctx = PassContext(analysis, plan, dims, rank, None)
-    ctx.details = {"seq_config": cfg}
-    results = run_passes(gm, ctx, transformer_passes(plan))
-    return DryRun(captured, analysis, plan, rank, results, gm)
+    placement = ParallelDims(plan, plan.world_size).placement(rank)
+    return build(captured, plan, placement, backend=False)
 
 
 # ---- the explanation object -----------------------------------------------------------------
@@ -119,15 +87,16 @@ class Explanation:
 
 
 def explain(obj, *, graph: bool = False) -> Explanation:
-    """Explain a `Captured`, a parallelized module, an `Analysis` or a `DryRun` (see module doc)."""
+    """Explain a `Captured`, a parallelized module, an `Analysis` or a `Record` (see module doc)."""
     from ditpass.analysis import Analysis, analyze
+    from ditpass.build import Record
     from ditpass.capture import Captured
 
-    if isinstance(obj, DryRun):
+    if isinstance(obj, Record):
         header = _captured_header(obj.captured)
-        header.update(plan=str(obj.plan), rank=obj.rank, world_size=obj.plan.world_size, dry_run=True)
-        part = _part(obj.analysis, obj.results, obj.graph_module, graph, obj.captured.signature)
-        return Explanation(header, [part])
+        header.update(plan=str(obj.plan), rank=obj.placement.rank, world_size=obj.placement.world_size,
+                      dry_run=obj.placement.dry_run)
+        return Explanation(header, [_record_part(obj, graph)])
     if hasattr(obj, "ditpass_records"):
         records = obj.ditpass_records
         inner = getattr(obj, "module", obj)
@@ -138,11 +107,7 @@ def explain(obj, *, graph: bool = False) -> Explanation:
             return Explanation(header)
         header.update({k: v for k, v in _captured_header(records[0].captured).items() if k != "model"})
         header["signatures"] = len(records)
-        parts = [_part(r.analysis, r.results, r.graph_module, graph, r.signature) for r in records]
-        for part, r in zip(parts, records):  # how the rewritten graph runs (compiled regions, if any)
-            if hasattr(r.runner, "describe"):
-                part["backend"] = r.runner.describe()
-        return Explanation(header, parts)
+        return Explanation(header, [_record_part(r, graph) for r in records])
     if isinstance(obj, Captured):
         header = _captured_header(obj)
         gms = obj.graph_modules
@@ -156,7 +121,21 @@ def explain(obj, *, graph: bool = False) -> Explanation:
         header = {"model": _model_name(gm), "nodes": len(gm.graph.nodes), "graphs": 1}
         return Explanation(header, [_part(obj, [], gm, graph, None)])
     raise TypeError(f"explain() takes a Captured (ditpass.capture), a module returned by ditpass.parallelize, "
-                    f"an Analysis (ditpass.analyze) or a ditpass.explain.DryRun; got {type(obj).__name__}")
+                    f"an Analysis (ditpass.analyze) or a ditpass.build.Record; got {type(obj).__name__}")
+
+
+def _record_part(r, graph: bool) -> dict:
+    """One input signature of a parallelized model (or a dry run): analysis, sites, passes, backend."""
+    if r.analysis is None:  # captured in pieces: it runs as captured
+        from ditpass.analysis import analyze
+
+        part = _part(analyze(r.captured.graph_module), [], r.captured.graph_module, graph, r.signature)
+        part["backend"] = f"{r.captured.method}: {len(r.captured.graph_modules)} graphs, run as captured (no pass)"
+        return part
+    part = _part(r.analysis, r.results, r.graph_module, graph, r.signature, r.sites)
+    if hasattr(r.runner, "describe"):  # how the rewritten graph runs (compiled regions, if any)
+        part["backend"] = r.runner.describe()
+    return part
 
 
 # ---- gathering the facts --------------------------------------------------------------------
@@ -216,55 +195,38 @@ def _val(node):
     return node.meta.get("val", node.meta.get("example_value"))
 
 
-def _strategies(results, gm) -> dict[str, str]:
-    """Site node name (before the passes) -> the strategy a pass chose for it."""
-    raw: dict[str, str] = {}
-    for r in results:
-        raw.update(r.details.get("strategies") or {})
-    out: dict[str, str] = {}
-    if gm is not None:
-        for node in gm.graph.nodes:
-            site = node.meta.get("ditpass_attention")
-            if site is not None and node.name in raw:
-                out[site.node] = raw[node.name]
-    for k, v in raw.items():
-        out.setdefault(k, v)
-    return out
-
-
-def _part(analysis, results, gm, graph: bool, signature) -> dict:
+def _part(analysis, results, gm, graph: bool, signature, sites=None) -> dict:
     hints = _hints(analysis.graph_module)
-    strategies = _strategies(results, gm)
-    seq_ran = any(r.modified and "strategies" in r.details for r in results)
-    sites = []
+    by_node = sites.by_node() if sites is not None else {}
+    rows = []
     for s in analysis.sites:
-        strategy = strategies.get(s.node)
-        if strategy is None and seq_ran:
-            strategy = "replicated (no sharded input)"
-        sites.append({"node": s.node, "kind": s.kind, "module": s.module, "block": s.block, "heads": s.heads,
-                      "head_dim": s.head_dim, "q": _segs(s.segments, hints), "kv": _segs(s.kv_segments, hints),
-                      "mask": s.has_mask, "causal": s.causal, "strategy": strategy})
-    placeholders = {n.name: n for n in analysis.graph_module.graph.nodes if n.op == "placeholder"}
-    sharded = _sharded_inputs(gm) if results else {}
+        entry = by_node.get(s.node)
+        rows.append({"node": s.node, "kind": s.kind, "module": s.module, "block": s.block, "heads": s.heads,
+                     "head_dim": s.head_dim, "q": _segs(s.segments, hints), "kv": _segs(s.kv_segments, hints),
+                     "mask": s.has_mask, "causal": s.causal,
+                     "site": entry.site if entry else None, "strategy": entry.describe() if entry else None})
+    io: dict[str, list[str]] = {}  # "in x" / "out 0" -> what each pass did to it
+    for r in results:
+        for k, v in r.io.items():
+            io.setdefault(k, []).append(v)
     inputs = []
-    for name, node in placeholders.items():
+    for node in analysis.graph_module.graph.nodes:
         val = _val(node)
-        if not isinstance(val, torch.Tensor) or isinstance(val, torch.nn.Parameter):
+        if node.op != "placeholder" or not isinstance(val, torch.Tensor) or isinstance(val, torch.nn.Parameter):
             continue  # Dynamo's graphs take the parameters as inputs too
-        td = analysis.inputs.get(name, {})
-        inputs.append({"name": name, "shape": _shape(val, hints),
+        td = analysis.inputs.get(node.name, {})
+        inputs.append({"name": node.name, "shape": _shape(val, hints),
                        "token_dims": {str(d): list(roles) for d, roles in td.items()},
-                       "sharded": sharded.get(name)})
+                       "after": "; ".join(io.get(f"in {node.name}", [])) or None})
     outputs = []
     out_node = next(n for n in reversed(analysis.graph_module.graph.nodes) if n.op == "output")
-    gathered = _gathered_outputs(gm) if results else []
-    for i, a in enumerate(_flat(out_node.args)):
+    for i, a in enumerate(flat(out_node.args)):
         if not isinstance(a, torch.fx.Node):
             continue
         td = analysis.outputs[i] if i < len(analysis.outputs) else {}
         outputs.append({"index": i, "shape": _shape(_val(a), hints),
                         "token_dims": {str(d): list(roles) for d, roles in td.items()},
-                        "gathered": gathered[i] if i < len(gathered) else None})
+                        "after": "; ".join(io.get(f"out {i}", [])) or None})
     attn_blocks = {s.block for s in analysis.sites if s.block}
     blocks = []
     for g in analysis.block_groups:
@@ -277,11 +239,13 @@ def _part(analysis, results, gm, graph: bool, signature) -> dict:
     for r in results:
         p = {"name": r.name, "modified": r.modified, "summary": r.summary(), "added": r.added, "removed": r.removed,
              "notes": list(r.notes), "collectives": [_collective(c, by_name) for c in r.collectives],
-             "details": {k: _jsonable(v) for k, v in r.details.items() if k != "strategies"}}
+             "tables": [{"title": t.title, "headers": list(t.headers), "rows": [[_jsonable(c) for c in row] for row in t.rows],
+                         "fold": t.fold} for t in r.tables],
+             "details": {k: _jsonable(v) for k, v in r.details.items()}}
         if graph:
             p["graph_code"] = r.graph_code
         passes.append(p)
-    part = {"title": _sig_text(signature) if signature is not None else "", "sites": sites, "inputs": inputs,
+    part = {"title": _sig_text(signature) if signature is not None else "", "sites": rows, "inputs": inputs,
             "outputs": outputs, "blocks": blocks, "passes": passes, "kinds": analysis.kinds()}
     if graph and not any(ps.get("graph_code") and ps["modified"] for ps in passes):
         part["graph_code"] = (gm if gm is not None else analysis.graph_module).code
@@ -296,69 +260,6 @@ def _collective(c, by_name: dict) -> dict:
     node = by_name.get(c.site)
     d["module"] = module_path(node) if node is not None else ""
     return d
-
-
-def _sharded_inputs(gm) -> dict[str, str]:
-    """Input name -> where and how it is sharded, read off the inserted ``shard`` nodes.
-
-    An input of symbolic size that is not sharded where it enters may be sharded later, as part
-    of a tensor computed from it (FLUX's ``img_ids`` -> the RoPE table, DiT's latent -> the
-    patch tokens): that tensor is named.
-    """
-    if gm is None:
-        return {}
-    by_name = {n.name: n for n in gm.graph.nodes if n.op == "placeholder"}
-    direct: dict[str, list[str]] = {}
-    derived: list[tuple[torch.fx.Node, str]] = []
-    for node in gm.graph.nodes:
-        if node.meta.get("ditpass_inserted") != "shard":
-            continue
-        src, dim = node.args[0], node.args[1]
-        if src.op == "placeholder":
-            direct.setdefault(src.name, []).append(f"dim {dim}, where it enters")
-        else:
-            users = ", ".join(f"`{u.name}`" for u in node.users)
-            derived.append((src, f"dim {dim} of `{src.name}` (computed from it), before {users}"))
-    out = {k: "; ".join(v) for k, v in direct.items()}
-    for src, text in derived:
-        for ph in _upstream_placeholders(src):
-            if ph not in direct and _symbolic(by_name[ph]):
-                out[ph] = f"{out[ph]}; {text}" if ph in out else text
-    return out
-
-
-def _symbolic(node) -> bool:
-    val = _val(node)
-    return isinstance(val, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in val.shape)
-
-
-def _upstream_placeholders(node, limit: int = 400) -> list[str]:
-    seen, todo, found = set(), [node], []
-    while todo and len(seen) < limit:
-        n = todo.pop()
-        if n in seen:
-            continue
-        seen.add(n)
-        if n.op == "placeholder":
-            if isinstance(_val(n), torch.Tensor):
-                found.append(n.name)
-            continue
-        todo.extend(n.all_input_nodes)
-    return sorted(found)
-
-
-def _gathered_outputs(gm) -> list:
-    if gm is None:
-        return []
-    out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
-    res = []
-    for a in _flat(out_node.args):
-        if isinstance(a, torch.fx.Node) and a.meta.get("ditpass_inserted") == "gather":
-            res.append(f"all-gathered along dim {a.args[1]} (`{a.name}`)")
-        else:
-            res.append(None)
-    return res
-
 
 
 def _sig_text(sig) -> str:
@@ -478,6 +379,24 @@ def _nodes_label(first: str, last: str, n: int) -> str:
     return f"{first} .. {last[len(base):]}" if last.startswith(base + "_") else f"{first} .. {last}"
 
 
+def _pass_table(t: dict, condense: bool) -> str:
+    """A pass's own `Table`; with ``fold``, rows equal but for the fold column's block index (and the
+    first column, an identifier) print as one row with a count."""
+    headers, fold = t["headers"], t.get("fold")
+    rows = [dict(zip(headers, r)) for r in t["rows"]]
+    if not (condense and fold in headers):
+        return _table(headers, t["rows"])
+    keys = [h for h in headers[1:] if h != fold]
+    out = []
+    for first, last, n, label in _condense(rows, keys, fold):
+        row = [first[h] for h in headers]
+        row[headers.index(fold)] = label
+        if headers[0] != fold:
+            row[0] = _nodes_label(str(first[headers[0]]), str(last[headers[0]]), n)
+        out.append(row + [n])
+    return _table(headers + ["n"], out, right={len(headers)})
+
+
 def _part_text(p: dict, condense: bool) -> str:
     out = []
     if p.get("title"):
@@ -486,6 +405,7 @@ def _part_text(p: dict, condense: bool) -> str:
     out.append(_rule(f"attention sites ({len(p['sites'])}: {kinds})"))
     if p["sites"]:
         keys = ["kind", "heads", "head_dim", "q", "kv", "mask", "causal", "strategy"]
+        with_site = any(s["site"] is not None for s in p["sites"])
         rows = []
         runs = _condense(p["sites"], keys, "module") if condense else [(s, s, 1, s["module"]) for s in p["sites"]]
         for first, last, n, label in runs:
@@ -493,12 +413,13 @@ def _part_text(p: dict, condense: bool) -> str:
             kv = "= q" if first["kv"] == first["q"] else first["kv"]
             row = [_nodes_label(first["node"], last["node"], n), first["kind"], label or "<root>", n,
                    first["heads"], first["head_dim"], first["q"], kv, flags]
-            if any(s["strategy"] for s in p["sites"]):
+            if with_site:
+                row.append(first["site"] if n == 1 else f"{first['site']}..{last['site']}")
                 row.append(first["strategy"])
             rows.append(row)
         headers = ["node", "kind", "module", "n", "heads", "head_dim", "q segments", "kv segments", "mask/causal"]
-        if any(s["strategy"] for s in p["sites"]):
-            headers.append("strategy")
+        if with_site:
+            headers += ["site", "strategy"]
         out.append(_table(headers, rows, right={3, 4, 5}))
     else:
         out.append("  none found: nothing mixes tokens through SDPA or a matmul over a symbolic length")
@@ -510,13 +431,13 @@ def _part_text(p: dict, condense: bool) -> str:
         td = ", ".join(f"dim {d}: {'+'.join(r)}" for d, r in i["token_dims"].items()) or "-"
         row = [f"in  {i['name']}", i["shape"], td]
         if ran:
-            row.append(i["sharded"] or ("replicated" if i["token_dims"] else "-"))
+            row.append(i["after"] or ("replicated" if i["token_dims"] else "-"))
         rows.append(row)
     for o in p["outputs"]:
         td = ", ".join(f"dim {d}: {'+'.join(r)}" for d, r in o["token_dims"].items()) or "-"
         row = [f"out {o['index']}", o["shape"], td]
         if ran:
-            row.append(o["gathered"] or "replicated")
+            row.append(o["after"] or "replicated")
         rows.append(row)
     headers = ["tensor", "shape at capture", "token dims"] + (["after the passes (this rank)"] if ran else [])
     out.append(_table(headers, rows))
@@ -555,9 +476,9 @@ def _part_text(p: dict, condense: bool) -> str:
             total = sum(c["bytes_per_forward"] for c in cols)
             rows.append(["total", "", "", "", len(cols), f"{total:,}", f"{total / 2**20:.2f}"])
             out.append(_table(["node", "op", "axis", "serves", "n", "bytes each", "MiB"], rows, right={4, 5, 6}))
-        for k, v in ps["details"].items():
-            if v:
-                out.append(f"  {k}: {json.dumps(v)[:400]}")
+        for t in ps["tables"]:
+            out.append(f"  {t['title']}:")
+            out.append(_pass_table(t, condense))
     if p.get("backend"):
         out.append(_rule("backend: how the rewritten graph runs"))
         out.extend(f"  {line}" for line in p["backend"].splitlines())

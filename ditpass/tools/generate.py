@@ -36,7 +36,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ring_degree", type=int, default=1)
     p.add_argument("--use_cfg_parallel", action="store_true", help="cond and uncond halves on two ranks")
     p.add_argument("--data_parallel_degree", type=int, default=1)
-    p.add_argument("--pipefusion_parallel_degree", type=int, default=1, help="not built yet: must be 1")
+    p.add_argument("--pipefusion_parallel_degree", type=int, default=1, help="PipeFusion stages (not built yet)")
     p.add_argument("--num_pipeline_patch", type=int, default=None, help="PipeFusion patches (not built yet)")
     p.add_argument("--warmup_steps", type=int, default=1, help="PipeFusion warm-up steps (not built yet)")
     p.add_argument("--use_torch_compile", action="store_true", help="Plan(compile='inductor')")
@@ -47,13 +47,18 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 def plan_from_args(args):
     from ditpass.plan import Plan
 
-    if args.plan:
-        return Plan.parse(args.plan)
-    if args.pipefusion_parallel_degree > 1 or args.num_pipeline_patch:
-        raise SystemExit("ditpass generate: --pipefusion_parallel_degree / --num_pipeline_patch: PipeFusion is not "
-                         "built yet in ditpass; leave them at their defaults (use ulysses/ring/cfg/dp)")
-    return Plan(dp=args.data_parallel_degree, cfg=2 if args.use_cfg_parallel else 1, ring=args.ring_degree,
-                ulysses=args.ulysses_degree, compile="inductor" if args.use_torch_compile else "eager")
+    from ditpass.passes.registry import check_built
+    from ditpass.plan import PlanError
+
+    try:
+        plan = Plan.parse(args.plan) if args.plan else Plan(
+            dp=args.data_parallel_degree, cfg=2 if args.use_cfg_parallel else 1, ring=args.ring_degree,
+            ulysses=args.ulysses_degree, pipefusion=args.pipefusion_parallel_degree, patches=args.num_pipeline_patch,
+            warmup_steps=args.warmup_steps, compile="inductor" if args.use_torch_compile else "eager")
+        check_built(plan)  # before any process group or model load: plan fields with no pass yet
+    except PlanError as e:
+        raise SystemExit(f"ditpass generate: {e}") from None
+    return plan
 
 
 def _load(model: str, device, dtype):

@@ -4,8 +4,9 @@ One rounded box per run of a transformer block in graph order (from ``node.meta[
 written by `ditpass.analyze`), one dashed box per stretch of non-block code (embedding, glue
 between block groups, final layers). Inside a box: its notable nodes, one line each, and a
 count of the other ops. Notable are attention sites (``meta["ditpass_attention"]``, coloured by
-kind) and what a pass inserted (``meta["ditpass_inserted"]``: shard, gather, seq_attention, or
-any functional collective; one highlight colour). Hovering a line shows the node's name.
+kind; a ``ditpass::attention`` site that runs sequence-parallel, as its site-table entry says, is
+highlighted) and the ops a pass inserted (``torch.ops.ditpass.shard`` / ``gather`` /
+``ulysses_send``, or any functional collective; one highlight colour). Hovering a line shows the node's name.
 Boxes wrap into rows of ``columns`` (FLUX's 57 blocks: 8 rows), arrows follow graph order.
 
 Nodes that a pass inserted without module metadata (length helpers, ``shard`` before the op
@@ -18,6 +19,9 @@ from dataclasses import dataclass, field
 from xml.sax.saxutils import escape
 
 import torch.fx
+
+from ditpass.runtime import sites
+from ditpass.runtime.ops import OPS
 
 __all__ = ["to_svg", "KIND_COLOURS", "INSERTED_COLOUR"]
 
@@ -57,9 +61,7 @@ class _Box:
 
 
 def _is_collective(node: torch.fx.Node) -> bool:
-    mod = getattr(node.target, "__module__", "") or ""
-    name = str(getattr(node.target, "__name__", node.target))
-    return "functional_collectives" in mod or "_c10d_functional" in str(node.target) or name.startswith("all_to_all")
+    return str(getattr(node.target, "namespace", "")) == "_c10d_functional"
 
 
 def _original(node: torch.fx.Node) -> bool:
@@ -72,21 +74,21 @@ def _short(text: str, chars: int) -> str:
 
 
 def _item(node: torch.fx.Node) -> _Item | None:
-    ins = node.meta.get("ditpass_inserted")
     site = node.meta.get("ditpass_attention")
-    if ins == "seq_attention" or (ins and site is not None):
-        kind = site.kind if site is not None else "?"
-        return _Item(f"{ins} \u00b7 {kind}", f"{node.name}: {ins} replacing {kind} attention"
-                     + (f" in {site.module}" if site is not None else ""), INSERTED_COLOUR, True,
-                     KIND_COLOURS.get(kind, KIND_COLOURS["other"]))
-    if ins in ("shard", "gather"):
+    if node.target is OPS["attention"]:
+        entry = sites.lookup(int(getattr(node.graph.owning_module, node.args[3].target)))
+        if entry.seq is not None:
+            return _Item(f"{entry.seq.mode} \u00b7 {entry.kind}", f"{node.name}: {entry.describe()}"
+                         + (f" in {entry.module}" if entry.module else ""), INSERTED_COLOUR, True,
+                         KIND_COLOURS.get(entry.kind, KIND_COLOURS["other"]))
+    if node.target in (OPS["shard"], OPS["gather"]):
         src = node.args[0].name if node.args and isinstance(node.args[0], torch.fx.Node) else "?"
         dim = node.args[1] if len(node.args) > 1 else "?"
-        label = f"shard {src} d{dim}" if ins == "shard" else f"all_gather {src} d{dim}"
-        return _Item(label, f"{node.name}: {ins} of {src} along dim {dim}", INSERTED_COLOUR, True)
-    if ins or _is_collective(node):
-        name = getattr(node.target, "__name__", str(node.target))
-        return _Item(f"{ins or 'collective'} {name}", node.name, INSERTED_COLOUR, True)
+        op = "shard" if node.target is OPS["shard"] else "gather"
+        label = f"shard {src} d{dim}" if op == "shard" else f"all_gather {src} d{dim}"
+        return _Item(label, f"{node.name}: {op} of {src} along dim {dim}", INSERTED_COLOUR, True)
+    if node.target is OPS["ulysses_send"] or _is_collective(node):
+        return _Item(f"collective {node.target}", node.name, INSERTED_COLOUR, True)
     if site is not None:
         shape = f" {site.heads}\u00d7{site.head_dim}" if site.heads and site.head_dim else ""
         label = f"{site.kind} attn{shape}" if site.kind != "matmul" else f"matmul mixes tokens{shape}"

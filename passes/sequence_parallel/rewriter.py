@@ -1,32 +1,12 @@
-"""Sequence parallel: shard the token sequence over ``ring x ulysses`` ranks, derived from the graph.
+"""The rewriter of sequence parallelism: one walk in graph order (see the package docstring).
 
-Before (one rank, FLUX joint attention, sizes global)::
-
-    txt = linear(encoder_hidden_states)            # [B, T, C]
-    img = linear(hidden_states)                     # [B, I, C]
-    q = cat([q_txt, q_img], 1) ... permute          # [B, H, T+I, D]
-    o = scaled_dot_product_attention(q, k, v)
-    out = proj_out(img)                             # [B, I, C]
-
-After (rank p of n; every tensor with a token dim holds chunk p of each segment)::
-
-    encoder_hidden_states = seq.shard(encoder_hidden_states, 1, [T], n, p)   # at the inputs
-    hidden_states = seq.shard(hidden_states, 1, [I], n, p)
-    ...                                              # token-wise ops run unchanged on [B, T/n, C]
-    o = seq.seq_attention(q, k, v, ..., [T, I], n, u, r, ...)  # Ulysses all-to-all / ring / USP
-    out = seq.gather(proj_out(img), 1, [I], n, "sp")           # the graph output, full again
-
-Rules, one walk in graph order. A node is *sharded* (S: token dim, segment list) or *replicated*
-(R). Token-wise ops (pointwise, linear, norms over features, layout ops that keep the token dim)
-keep S; an R operand with a token dim meeting an S one is sliced locally (RoPE tables, position
-embeddings). Concatenation and slicing along the token dim work segment by segment (joint
-text+image attention), so boundaries map to local boundaries. Self / joint attention gets
-``seq_attention``; cross attention with replicated K/V stays local. Anything else that touches a
-sharded token dim gets the safe path: gather, compute replicated, and a line in ``explain``.
-Integers in the graph stay global (a ``sym_size`` of a sharded tensor is rewritten to the global
-length); only shapes of S tensors are local, and shape arguments of ops on them are rewritten.
-
-When off (``ring * ulysses == 1``) the pass does nothing.
+A node is *sharded* (`Sharded`: token dim, segment list) or *replicated* (None). Which ops keep a
+sharded token dim is `rules.tokenwise`; this walk applies it, slices replicated operands that meet a
+sharded one, works through concatenation and slicing of the token dim segment by segment, gives
+self / joint attention sites their sequence-parallel strategy (in the site table) and takes the safe
+path (gather, compute replicated, a note) where no rule applies. Inside the walk ``meta["val"]`` is
+still the captured (global) value of every node; `ditpass.pass_base.run_passes` propagates the local
+shapes afterwards.
 """
 from __future__ import annotations
 
@@ -37,56 +17,23 @@ import sympy
 import torch
 import torch.fx
 
-from ditpass.analysis.attention import is_sdpa
-from ditpass.analysis.symbolic import dim_exprs, is_pointwise, node_val
+from ditpass.analysis import flat
 from ditpass.analysis.blocks import module_path
-from ditpass.pass_base import Collective, GraphPass, PassContext, PassResult
+from ditpass.analysis.symbolic import dim_exprs, node_val
+from ditpass.pass_base import Collective, PassContext
 from ditpass.runtime import seq
+from ditpass.runtime.ops import OPS
+from ditpass.runtime.sites import SeqAttention
+
+from . import rules
 
 aten = torch.ops.aten
-
-__all__ = ["SequenceParallel", "SeqConfig"]
-
-
-@dataclass(frozen=True)
-class SeqConfig:
-    """Static facts the inserted ops need: degrees, this rank's coordinates, group names."""
-
-    n: int
-    u: int
-    r: int
-    p: int  # index among the n sequence ranks (ring-major)
-    ulysses_rank: int
-    ring_rank: int
-    sp_group: str
-    ulysses_group: str
-    ring_group: str
 
 
 @dataclass(frozen=True)
 class Sharded:
     dim: int
     segs: tuple  # segment class representatives, in order
-
-
-_VIEWS = {"view", "reshape", "_unsafe_view", "flatten", "unflatten", "view_as", "reshape_as"}
-_LAYOUT = {"permute", "transpose", "t", "unsqueeze", "squeeze", "movedim", "expand", "expand_as", "contiguous",
-           "clone", "alias", "detach", "lift_fresh_copy", "repeat", "select", "slice", "narrow", "chunk", "split",
-           "unbind", "stack", "cat", "concat", "split_with_sizes", "index_select", "to", "view_as_complex",
-           "view_as_real"}
-_REDUCE = {"mean", "sum", "amax", "amin", "max", "min", "softmax", "_softmax", "log_softmax", "var", "std",
-           "cumsum", "any", "all", "argmax", "prod", "norm", "logsumexp"}
-_NORMS = {"layer_norm", "rms_norm", "native_layer_norm"}
-# elementwise ops (besides those tagged pointwise): broadcast operands, keep every token's place
-_POINTWISE = {"dropout", "_to_copy", "to", "type_as", "contiguous", "clone", "alias", "detach", "detach_",
-              "lift_fresh_copy", "gelu", "silu", "relu", "copy_", "copy", "fill_", "masked_fill_", "empty_like",
-              "zeros_like", "ones_like", "full_like", "rand_like", "randn_like", "where", "clamp", "clip"}
-_SKIP = {"_assert_tensor_metadata", "_assert_scalar", "sym_constrain_range_for_size", "sym_constrain_range"}
-
-
-def _name(target) -> str:
-    n = getattr(target, "__name__", None) or str(target)
-    return n.split(".")[0]
 
 
 def _tensor_args(node):
@@ -101,17 +48,22 @@ def _tensor_args(node):
 
 
 class _Rewriter:
-    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext, cfg: SeqConfig):
+    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext):
         self.gm, self.g = gm, gm.graph
         self.an, self.cls = ctx.analysis, ctx.analysis.classes
-        self.cfg = cfg
+        pl = ctx.placement
+        self.n, self.p = pl.degree("sp"), pl.coord("sp")  # p: ring-major index among the n sequence ranks
+        self.sp_group = pl.group("sp")
+        self.seq = SeqAttention(pl.degrees["ulysses"], pl.degrees["ring"], pl.coords["ulysses"], pl.coords["ring"],
+                                pl.group("ulysses"), pl.group("ring"))
+        self.sites = ctx.sites
         self.layout: dict[torch.fx.Node, Sharded | list | None] = {}
         self.seg_len: dict = {}  # segment class rep -> node giving its global length
         self.notes: list[str] = []
         self.collectives: list[Collective] = []
-        self.strategies: dict[str, str] = {}
         self.token_classes = set(ctx.analysis.token_classes)
         self.gathered: dict[torch.fx.Node, torch.fx.Node] = {}
+        self.shards: list[torch.fx.Node] = []
 
     # ---- symbolic helpers -------------------------------------------------------------
     def find(self, e):
@@ -172,9 +124,9 @@ class _Rewriter:
         segs = self.segs_of(dim_exprs(val)[dim])
         with self.g.inserting_before(at):
             lens = self.lengths(segs, at)
-            s = self.g.call_function(seq.shard, (x, dim, lens, self.cfg.n, self.cfg.p))
+            s = self.g.call_function(OPS["shard"], (x, dim, lens, self.n, self.p))
         s.meta["val"] = val
-        s.meta["ditpass_inserted"] = "shard"
+        self.shards.append(s)
         self.layout[s] = Sharded(dim, segs)
         return s
 
@@ -184,12 +136,11 @@ class _Rewriter:
         lay = self.layout[x]
         with self.g.inserting_before(at):
             lens = self.lengths(lay.segs, at)
-            gnode = self.g.call_function(seq.gather, (x, lay.dim, lens, self.cfg.n, self.cfg.sp_group))
+            gnode = self.g.call_function(OPS["gather"], (x, lay.dim, lens, self.n, self.sp_group))
         gnode.meta["val"] = node_val(x)
-        gnode.meta["ditpass_inserted"] = "gather"
         self.layout[gnode] = None
         self.gathered[x] = gnode
-        self.collectives.append(Collective(gnode.name, "all_gather", "ring+ulysses", why, _nbytes(node_val(x), self.cfg.n)))
+        self.collectives.append(Collective(gnode.name, "all_gather", "sp", why, _nbytes(node_val(x), self.n)))
         return gnode
 
     # ---- the walk ---------------------------------------------------------------------
@@ -234,16 +185,17 @@ class _Rewriter:
         for a in sharded:
             gnode = self.gather_node(a, node, f"fallback:{node.name}")
             node.replace_input_with(a, gnode)
-            if _mutates(node) and node.args and node.args[0] is gnode:
+            if rules.mutates(node) and node.args and node.args[0] is gnode:
                 # an in-place op now writes the gathered copy: later readers must read that copy
                 for user in list(a.users):
                     if user is not node and order.get(user, -1) > order[node]:
                         user.replace_input_with(a, gnode)
         self.layout[node] = None
-        self.notes.append(f"gather before `{node.name}` ({_name(node.target)}) in `{module_path(node) or '<root>'}`: {why}")
+        self.notes.append(f"gather before `{node.name}` ({node.target}) in `{module_path(node) or '<root>'}`: {why}")
 
     def _visit(self, node: torch.fx.Node):
-        name = _name(node.target)
+        info = rules.family(node)
+        name = info.name if info else None
         args = _tensor_args(node)
         lays = {a: self.layout.get(a) for a in args}
         val = node_val(node)
@@ -256,18 +208,18 @@ class _Rewriter:
             if isinstance(lay, Sharded) and node.args[1] % node_val(node.args[0]).dim() == lay.dim:
                 self._global_size(node, lay)
             return
-        if name in _SKIP:
+        if info is not None and info.kind == "skip":
             return
         sharded = [a for a in args if isinstance(lays[a], Sharded)]
-        out_tok = self._out_token_dims(val)
-        if is_sdpa(node):
+        out_tok = self.out_token_dims(val)
+        if node.target is OPS["attention"]:
             return self._attention(node, lays)
         if not sharded:
             # all replicated: shard the result right away when every input token dim can be sliced
             # and the op is token-wise; otherwise stay replicated (cheap ops, creation ops)
-            if out_tok and self._tokenwise(node, name, None):
+            if out_tok and rules.tokenwise(self, node, None):
                 ins = [a for a in args if self._in_token_dim(a) is not None]
-                if ins and all(self._tokenwise(node, name, a) for a in ins):
+                if ins and all(rules.tokenwise(self, node, a) for a in ins):
                     for a in ins:
                         node.replace_input_with(a, self.shard_node(a, self._in_token_dim(a), node))
                     return self._visit(node)
@@ -279,12 +231,12 @@ class _Rewriter:
         if name in ("slice", "narrow", "split_with_sizes", "split", "chunk") and self._split_on_token(node, lays):
             return
         for a in sharded:
-            if not self._tokenwise(node, name, a):
+            if not rules.tokenwise(self, node, a):
                 raise _Fallback(f"{name} mixes or reshapes the token dim")
         # bring replicated operands with the token dim into the same layout
         ref = self.layout[sharded[0]]
         ref_cls = self.dim_class(sharded[0], ref.dim)
-        pointwise = self._is_pointwise(node, name)
+        pointwise = rules.is_pointwise(node)
         from_right = node_val(sharded[0]).dim() - ref.dim
         for a in args:
             if lays[a] is None:
@@ -306,13 +258,13 @@ class _Rewriter:
         self.layout[node] = out_layout
 
     # ---- rules ------------------------------------------------------------------------
-    def _out_token_dims(self, val):
+    def out_token_dims(self, val):
         shape = dim_exprs(val) if isinstance(val, torch.Tensor) else None
         return [d for d, e in enumerate(shape or ()) if self.is_token(e)]
 
     def _in_token_dim(self, a):
         val = node_val(a)
-        dims = self._out_token_dims(val)
+        dims = self.out_token_dims(val)
         if len(dims) != 1:
             return None
         return dims[0]
@@ -336,69 +288,15 @@ class _Rewriter:
         d = self._class_dim(val, c)
         return Sharded(d, segs) if d is not None else None
 
-    def _is_pointwise(self, node, name) -> bool:
-        return is_pointwise(node.target) or name in _POINTWISE
-
-    def _tokenwise(self, node, name, a) -> bool:
-        """Whether ``node`` treats tokens of operand ``a`` independently (a=None: of the op in general)."""
-        if self._is_pointwise(node, name) or name in ("linear", "embedding"):
-            if name == "embedding" and a is not None and a is node.args[0]:
-                return False
-            if name == "linear" and a is not None and a is not node.args[0]:
-                return False
-            if name == "linear" and a is not None:
-                d = self._in_dim(a)
-                return d is not None and d != node_val(a).dim() - 1
-            return True
-        if a is None:
-            return name in _VIEWS | _LAYOUT | _NORMS | _REDUCE | {"matmul", "bmm", "mm", "outer", "repeat_interleave"}
-        d = self._in_dim(a)
-        if d is None:
-            return False
-        val_a = node_val(a)
-        nd = val_a.dim()
-        if name in _NORMS:
-            return d < nd - len(node.args[1])
-        if name in _REDUCE:
-            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
-            if dims is None:
-                return False
-            dims = [dims] if isinstance(dims, int) else list(dims)
-            return all(x % nd != d for x in dims)
-        if name == "outer":
-            return a is node.args[0] and not self._out_token_dims(node_val(node.args[1]))
-        if name == "repeat_interleave":
-            op_dim = node.args[2] if len(node.args) > 2 else node.kwargs.get("dim")
-            return op_dim is not None and op_dim % nd != d
-        if name in ("matmul", "bmm", "mm"):
-            return a is node.args[0] and d < nd - 1 and not self._out_token_dims(node_val(node.args[1]))
-        if name in _VIEWS:
-            return self._view_keeps(node, a, d)
-        if name in ("view_as_complex", "view_as_real"):  # reinterpret the last dim only
-            return d < nd - 1
-        if name in ("select", "slice", "narrow", "chunk", "split", "split_with_sizes", "unbind", "index_select",
-                    "repeat", "expand", "cat", "concat", "stack", "squeeze", "movedim", "transpose", "permute",
-                    "unsqueeze", "t", "expand_as"):
-            op_dim = _op_dim(node, name)
-            if name in ("select", "slice", "narrow", "chunk", "split", "split_with_sizes", "unbind", "index_select"):
-                return op_dim is not None and op_dim % nd != d
-            if name == "repeat":
-                reps = node.args[1]
-                return reps[d + len(reps) - nd] == 1
-            if name in ("cat", "concat"):
-                return op_dim % nd != d
-            if name == "stack":
-                return True
-            return True
-        return False
-
-    def _in_dim(self, a):
+    def in_dim(self, a):
+        """The token dim of operand ``a``: where it is sharded, else its one token dim (None if not one)."""
         lay = self.layout.get(a)
         if isinstance(lay, Sharded):
             return lay.dim
         return self._in_token_dim(a)
 
-    def _view_keeps(self, node, a, d) -> bool:
+    def view_keeps(self, node, a, d) -> bool:
+        """A view keeps token dim ``d`` of ``a`` when the sizes before it are the same product after."""
         vin, vout = node_val(a), node_val(node)
         ins, outs = dim_exprs(vin), dim_exprs(vout)
         c = self.find(ins[d])
@@ -438,12 +336,19 @@ class _Rewriter:
     def _local_lengths(self, segs, at):
         lens = self.lengths(segs, at)
         with self.g.inserting_before(at):
-            return [self.g.call_function(seq.chunk_len, (ln, self.cfg.n)) for ln in lens]
+            return [self._chunk_len(ln) for ln in lens]
+
+    def _chunk_len(self, ln):
+        """``ceil(ln / n)`` as size arithmetic in the graph (plain ``operator`` nodes; an int stays an int)."""
+        if isinstance(ln, int):
+            return seq.chunk_len(ln, self.n)
+        up = self.g.call_function(operator.add, (ln, self.n - 1))
+        return self.g.call_function(operator.floordiv, (up, self.n))
 
     def _cat_on_token(self, node, lays) -> bool:
         tensors = node.args[0]
         val = node_val(node)
-        d = _op_dim(node, "cat") % val.dim()
+        d = rules.op_dim(node) % val.dim()
         if not self.is_token(dim_exprs(val)[d]):
             return False
         segs = []
@@ -469,9 +374,9 @@ class _Rewriter:
         lay = self.layout.get(src)
         if not isinstance(lay, Sharded):
             return False
-        name = _name(node.target)
+        name = rules.family(node).name
         nd = node_val(src).dim()
-        dim = _op_dim(node, name)
+        dim = rules.op_dim(node)
         if dim is None or dim % nd != lay.dim:
             return False
         seg_exprs = [self.cls.segments(s)[0] if len(self.cls.segments(s)) == 1 else s for s in lay.segs]
@@ -537,32 +442,29 @@ class _Rewriter:
         raise _Fallback(f"{name} along the token dim")
 
     def _attention(self, node, lays):
-        q, k, v = node.args[:3]
+        """A ``ditpass::attention`` site: its table entry says how it runs (`ditpass.runtime.sites`)."""
+        q, k, v, site_t = node.args[:4]
+        site = self.sites[int(getattr(self.gm, site_t.target))]
         lq, lk, lv = (lays.get(x) for x in (q, k, v))
-        site = node.meta.get("ditpass_attention")
-        kind = site.kind if site else "?"
-        mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-        dropout = node.args[4] if len(node.args) > 4 else node.kwargs.get("dropout_p", 0.0)
-        causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
-        scale = node.kwargs.get("scale", node.args[6] if len(node.args) > 6 else None)
-        gqa = node.kwargs.get("enable_gqa", False)
+        kw = node.kwargs
+        mask = kw.get("attn_mask")
         if not any(isinstance(x, Sharded) for x in (lq, lk, lv)):
             # replicated attention: shard the query side if it is a token sequence
             d = self._in_token_dim(q)
-            if d == 2 and lk is None and not self._out_token_dims(node_val(k)) and mask is None:
+            if d == 2 and lk is None and not self.out_token_dims(node_val(k)) and mask is None:
                 node.replace_input_with(q, self.shard_node(q, d, node))
                 self.layout[node] = self.layout[node.args[0]]
-                self.strategies[node.name] = f"{kind}: local (query sharded, K/V replicated)"
+                self.sites.refine(site.site, note="query sharded, K/V replicated")
                 return
             self.layout[node] = None
             return
-        if isinstance(lq, Sharded) and lq.dim == 2 and lk is None and lv is None and not self._out_token_dims(node_val(k)):
+        if isinstance(lq, Sharded) and lq.dim == 2 and lk is None and lv is None and not self.out_token_dims(node_val(k)):
             if mask is not None and isinstance(self.layout.get(mask), Sharded):
                 raise _Fallback("attention mask sharded differently")
             if mask is not None and self._class_dim(node_val(mask), self.dim_class(q, 2)) is not None:
                 node.replace_input_with(mask, self.shard_node(mask, self._class_dim(node_val(mask), self.dim_class(q, 2)), node))
             self.layout[node] = Sharded(2, lq.segs)
-            self.strategies[node.name] = f"{kind}: local (K/V replicated, no communication)"
+            self.sites.refine(site.site, note="K/V replicated, no communication")
             return
         # self / joint attention: q, k, v all carry the same sharded sequence on dim 2
         for x in (q, k, v):
@@ -575,49 +477,68 @@ class _Rewriter:
         lq, lk, lv = (self.layout[x] for x in (q, k, v))
         if not (lq.dim == lk.dim == lv.dim == 2 and lq.segs == lk.segs == lv.segs):
             raise _Fallback("q/k/v sharded on different dims or segments")
-        if causal or (dropout not in (0, 0.0)) or gqa:
+        if kw.get("is_causal") or kw.get("dropout_p", 0.0) not in (0, 0.0) or kw.get("enable_gqa"):
             raise _Fallback("causal, dropout or GQA self-attention")
+        kwargs = dict(kw)
         if mask is not None:
             mv = node_val(mask)
             if mv.dim() < 2 or (mv.dim() == 4 and mv.shape[1] != 1):
                 raise _Fallback("attention mask per head")
             if isinstance(self.layout.get(mask), Sharded):
-                mask = self.gather_node(mask, node, f"mask:{node.name}")
+                kwargs["attn_mask"] = self.gather_node(mask, node, f"mask:{node.name}")
         qv, kv = node_val(q), node_val(k)
         if qv.shape[1] != kv.shape[1]:
             raise _Fallback("different head counts for q and k")
-        cfg = self.cfg
+        st = self.seq
         with self.g.inserting_before(node):
-            lens = self.lengths(lq.segs, node)
-            sent = None
-            if cfg.u > 1:  # the all-to-all starts in its own node: the overlap pass may move work after it
-                sent = self.g.call_function(seq.ulysses_send, (q, k, v, cfg.u, cfg.ulysses_group))
+            kwargs["lengths"] = self.lengths(lq.segs, node)
+            if st.u > 1:  # the all-to-all starts in its own node: the overlap pass may move work after it
+                sent = self.g.call_function(OPS["ulysses_send"], (q, k, v, st.u, st.ulysses_group))
                 sent.meta = {k_: node.meta[k_] for k_ in ("ditpass_block", "nn_module_stack", "stack_trace")
                              if k_ in node.meta}
-                sent.meta["ditpass_inserted"] = "ulysses_send"
-            new = self.g.call_function(seq.seq_attention, (q, k, v, scale, lens, cfg.n, cfg.u, cfg.r, cfg.ulysses_rank,
-                                                           cfg.ring_rank, cfg.ulysses_group, cfg.ring_group, mask),
-                                       {"sent": sent} if sent is not None else {})
-        new.meta = dict(node.meta)
-        new.meta["ditpass_inserted"] = "seq_attention"
-        node.replace_all_uses_with(new)
-        self.g.erase_node(node)
-        self.layout[new] = Sharded(2, lq.segs)
-        strategy = "ulysses+ring" if cfg.u > 1 and cfg.r > 1 else ("ulysses" if cfg.u > 1 else "ring")
+                kwargs["sent"] = sent
+        node.kwargs = kwargs
+        self.layout[node] = Sharded(2, lq.segs)
         heads = qv.shape[1]
-        pad = "" if cfg.u == 1 or heads % cfg.u == 0 else f", heads {heads} padded to {seq.chunk_len(heads, cfg.u) * cfg.u}"
-        self.strategies[new.name] = f"{kind}: {strategy}{pad}"
-        local = _nbytes(qv, 1) // cfg.n  # one of q/k/v/out on this rank (meta vals are global)
-        if cfg.u > 1:  # q, k, v in one all-to-all and the output in another; (u-1)/u of it leaves
-            self.collectives.append(Collective(new.name, "all_to_all x2", "ulysses", new.name,
-                                               int(4 * local * (cfg.u - 1) / cfg.u)))
-        if cfg.r > 1:  # k and v go to the r-1 other ring ranks
-            self.collectives.append(Collective(new.name, "all_gather(k,v)", "ring", new.name, 2 * local * (cfg.r - 1)))
+        pad = None if st.u == 1 or heads % st.u == 0 else f"heads {heads} padded to {seq.chunk_len(heads, st.u) * st.u}"
+        self.sites.refine(site.site, note=pad, seq=st)
+        local = _nbytes(qv, 1) // st.n  # one of q/k/v/out on this rank (meta vals are global)
+        if st.u > 1:  # q, k, v in one all-to-all and the output in another; (u-1)/u of it leaves
+            self.collectives.append(Collective(node.name, "all_to_all x2", "ulysses", node.name,
+                                               int(4 * local * (st.u - 1) / st.u)))
+        if st.r > 1:  # k and v go to the r-1 other ring ranks
+            self.collectives.append(Collective(node.name, "all_gather(k,v)", "ring", node.name, 2 * local * (st.r - 1)))
 
+    def io(self) -> dict[str, str]:
+        """What happened to the module's inputs and outputs, for explain's layout table.
 
-def _mutates(node) -> bool:
-    schema = getattr(node.target, "_schema", None)
-    return bool(schema and any(a.alias_info is not None and a.alias_info.is_write for a in schema.arguments))
+        An input of symbolic size that is not sharded where it enters may be sharded later, as part of
+        a tensor computed from it (FLUX's ``img_ids`` -> the RoPE table, DiT's latent -> the patch
+        tokens): that tensor is named."""
+        placeholders = {n.name: n for n in self.g.nodes if n.op == "placeholder"}
+        direct: dict[str, list[str]] = {}
+        derived: list[tuple[torch.fx.Node, str]] = []
+        for s in self.shards:
+            if s._erased:  # removed as dead code
+                continue
+            src, dim = s.args[0], s.args[1]
+            if src.op == "placeholder":
+                direct.setdefault(src.name, []).append(f"sharded along dim {dim} where it enters")
+            else:
+                users = ", ".join(f"`{u.name}`" for u in s.users)
+                derived.append((src, f"sharded: dim {dim} of `{src.name}` (computed from it), before {users}"))
+        out = {f"in {k}": "; ".join(v) for k, v in direct.items()}
+        for src, text in derived:
+            for ph in _upstream_placeholders(src):
+                if ph not in direct and _symbolic(placeholders[ph]):
+                    key = f"in {ph}"
+                    out[key] = f"{out[key]}; {text}" if key in out else text
+        out_node = next(n for n in reversed(self.g.nodes) if n.op == "output")
+        gathered = set(self.gathered.values())
+        for i, a in enumerate(flat(out_node.args)):
+            if a in gathered:
+                out[f"out {i}"] = f"all-gathered along dim {a.args[1]} (`{a.name}`)"
+        return out
 
 
 def boundary_index(cum, e, eq):
@@ -636,19 +557,6 @@ def _sum(g, nodes):
     return total
 
 
-def _op_dim(node, name):
-    defaults = {"cat": 0, "concat": 0, "stack": 0, "split": 0, "chunk": 0, "unbind": 0, "split_with_sizes": 0,
-                "slice": 0, "squeeze": None}
-    pos = {"cat": 1, "concat": 1, "stack": 1, "select": 1, "slice": 1, "narrow": 1, "index_select": 1,
-           "unbind": 1, "split_with_sizes": 2, "split": 2, "chunk": 2, "squeeze": 1, "unflatten": 1}
-    if name not in pos:
-        return None
-    i = pos[name]
-    if len(node.args) > i:
-        return node.args[i]
-    return node.kwargs.get("dim", defaults.get(name))
-
-
 def _nbytes(val, n: int) -> int:
     """Bytes of ``val`` at the captured sizes (hints: never ``int()`` a SymInt, which would specialise it)."""
     if not isinstance(val, torch.Tensor):
@@ -663,26 +571,22 @@ class _Fallback(Exception):
     pass
 
 
-class SequenceParallel(GraphPass):
-    name = "sequence_parallel"
 
-    def __init__(self, cfg: SeqConfig | None = None):
-        self.cfg = cfg
+def _symbolic(node) -> bool:
+    val = node_val(node)
+    return isinstance(val, torch.Tensor) and any(isinstance(s, torch.SymInt) for s in val.shape)
 
-    def enabled(self, ctx: PassContext) -> bool:
-        return ctx.plan.ring * ctx.plan.ulysses > 1
 
-    def requires(self, gm, ctx):
-        if not ctx.analysis.token_classes:
-            raise ValueError("no token sequence found: the analysis saw no self or joint attention over "
-                             "symbolic lengths (capture with dynamic shapes)")
-
-    def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        cfg = self.cfg or ctx.details["seq_config"]
-        rw = _Rewriter(gm, ctx, cfg)
-        rw.run()
-        res = PassResult(self.name, True, collectives=rw.collectives, notes=rw.notes)
-        res.details["strategies"] = rw.strategies
-        res.details["inputs"] = {n.name: (lay.dim, [str(s) for s in lay.segs]) for n, lay in rw.layout.items()
-                                 if n.op == "placeholder" and isinstance(lay, Sharded)}
-        return res
+def _upstream_placeholders(node, limit: int = 400) -> list[str]:
+    seen, todo, found = set(), [node], []
+    while todo and len(seen) < limit:
+        n = todo.pop()
+        if n in seen:
+            continue
+        seen.add(n)
+        if n.op == "placeholder":
+            if isinstance(node_val(n), torch.Tensor):
+                found.append(n.name)
+            continue
+        todo.extend(n.all_input_nodes)
+    return sorted(found)

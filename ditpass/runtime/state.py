@@ -1,0 +1,49 @@
+"""Run state: what lives across the transformer calls of one generation.
+
+One `RunState` per parallelized model. It counts the transformer calls and the scheduler steps of
+the generation under way and holds the tensors that passes keep from one call to the next (per-site
+caches, K/V buffers, step-cache residuals). The pipeline hook (`ditpass.components`) calls
+`RunState.reset` when a generation starts; a model used without a pipeline is reset by hand
+(``model.ditpass_state.reset()``) or never (every call then belongs to one long generation).
+
+Buffers are allocated once per name with the shape the graph computes on this rank (``meta["val"]``
+after the passes is the local shape) and keep their storage for the model's life, so a CUDA graph
+that recorded them stays valid; `reset` zeroes them in place instead of freeing them.
+
+A graph writes a buffer through ``torch.ops.ditpass.cache_write(buf, value)`` (`ditpass.runtime.ops`),
+which declares that it mutates ``buf``: dead-code elimination keeps it although nothing reads its
+result, and ``torch.compile`` orders it against the buffer's reads.
+"""
+from __future__ import annotations
+
+import torch
+
+__all__ = ["RunState"]
+
+
+class RunState:
+    def __init__(self):
+        self.generation = 0  # generations started (resets so far)
+        self.calls = 0  # transformer calls in this generation
+        self.step = 0  # scheduler steps taken in this generation
+        self.buffers: dict[str, torch.Tensor] = {}
+
+    def reset(self) -> None:
+        """A new generation: counters to zero, every buffer zeroed in place (its storage kept)."""
+        self.generation += 1
+        self.calls = 0
+        self.step = 0
+        with torch.no_grad():
+            for buf in self.buffers.values():
+                buf.zero_()
+
+    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
+        """The buffer ``name``, allocated (zeros) like ``like`` on first use; the same tensor after."""
+        buf = self.buffers.get(name)
+        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+            buf = self.buffers[name] = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+        return buf
+
+    def __repr__(self) -> str:
+        return (f"RunState(generation={self.generation}, calls={self.calls}, step={self.step}, "
+                f"buffers={len(self.buffers)})")
