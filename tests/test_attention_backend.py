@@ -5,7 +5,7 @@ import pytest
 import torch
 
 import ditpass
-from ditpass.api import sdpa_backend
+from ditpass.module import sdpa_backend
 from ditpass.plan import PlanError
 from ditpass.runtime import seq
 
@@ -19,7 +19,7 @@ def _ring(rank, world, attention):
     model, inputs, ref = _STATE["model"], _STATE["inputs"], _STATE["ref"]
     calls = []
     math_lse = seq._math_lse
-    seq._math_lse = lambda *a, **k: calls.append(1) or math_lse(*a, **k)  # the graph calls it by module global
+    seq._math_lse = lambda *a, **k: calls.append(1) or math_lse(*a, **k)  # the attention op's body calls it by module global
     try:
         with torch.no_grad():
             out = ditpass.parallelize(model, ditpass.Plan(ring=2, attention=attention))(**inputs)[0]

@@ -106,14 +106,16 @@ def test_explain_dry_run_and_svg(captured, tmp_path):
     ps = {p["name"]: p for p in d["parts"][0]["passes"]}
     sp = ps["sequence_parallel"]
     assert sp["modified"] and sum(c["op"].startswith("all_to_all") for c in sp["collectives"]) == 4
-    assert "seq_attention" in sp["graph_code"] and "== graph after pass sequence_parallel" in text
-    inputs = {i["name"]: i["sharded"] for i in d["parts"][0]["inputs"]}
-    assert inputs["hidden_states"].startswith("dim 1") and inputs["encoder_hidden_states"].startswith("dim 1")
-    assert d["parts"][0]["outputs"][0]["gathered"].startswith("all-gathered along dim 1")
+    code = sp["graph_code"]
+    assert code.count("torch.ops.ditpass.attention.default(") == 4 and code.count("torch.ops.ditpass.ulysses_send") == 4
+    assert "== graph after pass sequence_parallel" in text
+    inputs = {i["name"]: i["after"] for i in d["parts"][0]["inputs"]}
+    assert inputs["hidden_states"].startswith("sharded along dim 1") and inputs["encoder_hidden_states"].startswith("sharded along dim 1")
+    assert d["parts"][0]["outputs"][0]["after"].startswith("all-gathered along dim 1")
 
     svg = to_svg(result.graph_module, tmp_path / "g.svg", title="tiny flux")
     texts = [t.text or "" for t in ET.parse(tmp_path / "g.svg").getroot().iter(f"{SVG_NS}text")]
-    assert sum("seq_attention" in t for t in texts) == 4 and any(t.startswith("all_gather") for t in texts)
+    assert sum(t.startswith("ulysses \u00b7 joint") for t in texts) == 4 and any(t.startswith("all_gather") for t in texts)
     assert len(svg) < 100_000
 
 
@@ -149,10 +151,10 @@ def test_cli_plan_svg_json(cli_runs):
     assert "all_to_all" in text and "all_gather" in text
     root = ET.parse(out / "g.svg").getroot()
     texts = [t.text or "" for t in root.iter(f"{SVG_NS}text")]
-    assert sum("seq_attention" in t for t in texts) == 4  # one per joint attention, in its block's box
+    assert sum(t.startswith("ulysses \u00b7 joint") for t in texts) == 4  # one per joint attention, in its block's box
     assert any(t.startswith("all_gather") for t in texts) and any(t.startswith("shard ") for t in texts)
     d = json.loads((out / "e.json").read_text())
-    assert len(d["parts"][0]["passes"][0]["collectives"]) == 5
+    assert len({p["name"]: p for p in d["parts"][0]["passes"]}["sequence_parallel"]["collectives"]) == 5
 
 
 def test_ditpass_explain_stays_the_function():

@@ -7,12 +7,11 @@ import torch
 
 import ditpass
 from ditpass.models import zoo
-from ditpass.pass_base import PassContext
 from ditpass.passes.fuse_projections import FuseProjections
 from ditpass.backend.regional import RegionalModule
 
 from dist_utils import run_distributed
-from tiny_models import tiny_flux
+from tiny_models import pass_context as _context, tiny_flux
 
 aten = torch.ops.aten
 _STATE: dict = {}
@@ -24,6 +23,10 @@ def _linears(gm) -> int:
 
 def _result(pm, index=0):
     return next(r for r in pm.ditpass_records[index].results if r.name == "fuse_projections")
+
+
+def _sp(rec):
+    return next(r for r in rec.results if r.name == "sequence_parallel")
 
 
 def _close(a, b):
@@ -81,7 +84,7 @@ def _run_pass(m, x, labels):
     gm = torch.export.export(m, (x,)).module()
     for n, lab in zip([n for n in gm.graph.nodes if n.target is aten.linear.default], labels):
         n.meta["ditpass_block"] = lab
-    res = FuseProjections().call(gm, PassContext(None, ditpass.Plan(fuse_projections=True)))
+    res = FuseProjections().call(gm, _context(ditpass.Plan(fuse_projections=True)))
     gm.graph.lint()
     gm.recompile()
     return res, gm
@@ -117,7 +120,7 @@ def _ulysses(rank, world):
         pm = ditpass.parallelize(model, ditpass.Plan(ulysses=2, fuse_projections=True))
         out = pm(**inputs)[0]
     res = _result(pm)
-    return out, res.details["groups"], bool(pm.ditpass_records[0].results[0].collectives)
+    return out, res.details["groups"], bool(_sp(pm.ditpass_records[0]).collectives)
 
 
 def test_ulysses_with_fusion_matches_single_device():

@@ -7,7 +7,7 @@ import pytest
 import torch
 
 import ditpass
-from ditpass.runtime import seq
+from ditpass.runtime.ops import OPS
 from dist_utils import run_distributed
 from tiny_models import tiny_flux
 
@@ -26,7 +26,7 @@ def _run(rank, world):
         nodes = list(rec.graph_module.graph.nodes)
         # in every block that moved work: the send comes before the first moved node's block neighbours
         order = []
-        for send in (n for n in nodes if n.target is seq.ulysses_send):
+        for send in (n for n in nodes if n.target is OPS["ulysses_send"]):
             block = send.meta["ditpass_block"]
             linears_after = [n for n in nodes[nodes.index(send):] if n.meta.get("ditpass_block") == block
                              and n.target is torch.ops.aten.linear.default]
@@ -60,15 +60,16 @@ def test_overlap_moves_single_block_mlp_and_changes_nothing():
 
 
 def test_skip_passes_names_must_exist(monkeypatch):
-    from ditpass.passes.registry import transformer_passes
+    from ditpass.passes.registry import passes_for
 
     monkeypatch.setenv("DITPASS_SKIP_PASSES", "overlap,tidy")
-    passes = transformer_passes(ditpass.Plan())
-    assert [p.name for p in passes] == ["sequence_parallel", "fuse_projections", "overlap", "tidy"]
-    assert [p.enabled(None) for p in passes[2:]] == [False, False]
+    passes = passes_for("transformer", ditpass.Plan())
+    assert [p.name for p in passes] == ["attention_sites", "batch_parallel", "sequence_parallel", "fuse_projections",
+                                        "overlap", "tidy"]
+    assert [p.enabled(None) for p in passes[4:]] == [False, False]
     monkeypatch.setenv("DITPASS_SKIP_PASSES", "overlapp")
     with pytest.raises(ValueError, match="unknown passes"):
-        transformer_passes(ditpass.Plan())
+        passes_for("transformer", ditpass.Plan())
     monkeypatch.setenv("DITPASS_SKIP_PASSES", "sequence_parallel")
     with pytest.raises(ValueError, match="needs it"):
-        transformer_passes(ditpass.Plan(ulysses=2))
+        passes_for("transformer", ditpass.Plan(ulysses=2))

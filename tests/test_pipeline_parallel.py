@@ -165,7 +165,7 @@ def _run_plans(rank, world, plans, mode):
     st = _STATE[_STATE["current"]]
     pipe, kwargs, ref = st["pipe"], st["kwargs"], st["ref"]
     if mode == "skip_gather":  # control: each rank's own rows stand in for the gathered batch
-        batch_rt.all_gather_rows = lambda x, group: torch.cat([x] * world)
+        batch_rt.all_gather = lambda x, n, group: torch.cat([x] * world)
     out = []
     for fields in plans:
         ditpass.parallelize(pipe, ditpass.Plan(**fields))
@@ -176,13 +176,13 @@ def _run_plans(rank, world, plans, mode):
         else:
             images = _call(pipe, kwargs)
         split = pm.batch_split
-        res = pm.ditpass_records[0].results[0] if pm.ditpass_records and pm.ditpass_records[0].results else None
+        rec = pm.ditpass_records[0] if pm.ditpass_records else None
         out.append(dict(
             diff=float(abs(images - ref).max()), shape=images.shape, type=type(pm).__name__,
             calls=None if split is None else split.calls,
             batch=None if split is None else split.last_layout.batch,
             local=None if split is None else split.last_layout.local,
-            strategies=dict(res.details.get("strategies", {})) if res is not None else {}))
+            strategies={s.node: s.describe() for s in rec.sites} if rec is not None else {}))
     return out
 
 

@@ -58,9 +58,10 @@ def _run_plans(rank, world, plans, broken):
         for fields in plans:
             pm = ditpass.parallelize(model, ditpass.Plan(**fields))
             y = _first(pm(**inputs))
-            res = pm.ditpass_records[0].results[0]
+            rec = pm.ditpass_records[0]
+            res = next(r for r in rec.results if r.name == "sequence_parallel")
             out.append(dict(diff=float((y - ref).abs().max()), shape=tuple(y.shape),
-                            strategies=dict(res.details.get("strategies", {})), notes=list(res.notes),
+                            strategies={s.node: s.describe() for s in rec.sites}, notes=list(res.notes),
                             collectives=[c.op for c in res.collectives]))
     return out
 
@@ -109,7 +110,7 @@ def test_heads_not_divisible_by_ulysses():
 
 
 def test_structure_of_rewritten_graph():
-    """Collectives by site kind: joint/self attention get one seq_attention each, cross none."""
+    """Collectives by site kind: joint/self attention run sequence-parallel, cross stays local."""
     name = "PixArtTransformer2DModel"
     results = _check(name, _inputs(name), plans=[dict(ulysses=2)], world=2)
     r = results[0][0]

@@ -4,9 +4,8 @@ from __future__ import annotations
 import torch
 
 import ditpass
-from ditpass.pass_base import PassContext
 from ditpass.passes.tidy import Tidy
-from tiny_models import tiny_flux
+from tiny_models import pass_context as _context, tiny_flux
 
 aten = torch.ops.aten
 
@@ -30,7 +29,7 @@ def test_drops_noops_keeps_real_conversions():
     real_to = [n for n in gm.graph.nodes if n.op == "call_function" and n.target in (aten.to.dtype, aten._to_copy.default)
                and n.args[1:2] == (torch.float16,)]
     assert real_to, "the export should keep the float16 conversion"
-    res = Tidy().call(gm, PassContext(None, ditpass.Plan()))
+    res = Tidy().call(gm, _context(ditpass.Plan()))
     gm.recompile()
     after = gm(x)
     assert res.modified and res.details["to"] >= 1

@@ -19,3 +19,12 @@ def tiny_flux(heads: int = 4, n_img: int = 15, n_txt: int = 7):
                   guidance=torch.tensor([3.5]), img_ids=torch.randn(n_img, 3, generator=g),
                   txt_ids=torch.zeros(n_txt, 3), return_dict=False)
     return model, inputs
+
+
+def pass_context(plan, analysis=None):
+    """A `PassContext` for calling one pass by hand: rank 0 of the plan's world, dry-run group names."""
+    from ditpass.mesh import ParallelDims
+    from ditpass.pass_base import PassContext
+    from ditpass.runtime.sites import SiteTable
+
+    return PassContext(analysis, plan, ParallelDims(plan, plan.world_size).placement(0), SiteTable())
