@@ -60,17 +60,21 @@ def build(captured, plan, placement, *, component: str = "transformer", state=No
     """Rewrite ``captured`` for ``plan`` as the rank ``placement`` describes (see the module docstring).
 
     ``backend=False``: stop after the passes (a dry run: nothing will be called). A model captured
-    only in pieces (Dynamo's graphs) runs as captured when the plan needs no graph pass, and is
-    refused when it needs sequence parallelism."""
+    only in pieces (Dynamo's graphs) runs as captured when the plan needs no graph pass or backend, and
+    is refused, naming the plan fields, when it does."""
     from ditpass.passes.registry import passes_for
 
     passes = passes_for(component, plan)
     name = type(captured.module).__name__
     if not captured.whole:
-        if plan.sp > 1:
+        needs = [f for f, on in (("ulysses/ring", plan.sp > 1), ("fuse_projections", plan.fuse_projections),
+                                 (f"compile={plan.compile!r}", plan.compile != "eager"),
+                                 ("cuda_graphs", plan.cuda_graphs)) if on]
+        if needs:
             raise PlanError(
                 f"{name} could only be captured in pieces ({captured.method}: "
-                f"{'; '.join(captured.errors.values())}), and sequence parallelism needs one whole graph")
+                f"{'; '.join(captured.errors.values())}); {', '.join(needs)} need(s) one whole graph: "
+                f"turn them off (dp / cfg still split the batch)")
         return Record(captured.signature, captured, None, plan, placement, runner=captured if backend else None)
     gm = copy_graph_module(captured.graph_module)
     analysis = analyze(gm)

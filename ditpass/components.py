@@ -5,8 +5,9 @@
 
 No per-pipeline code. The pipeline's components are taken by role (`roles`): ``transformer`` (the
 denoisers: ``pipe.transformer``, and ``pipe.transformer_2`` where a pipeline has two, e.g. Wan 2.2) and
-``vae``; each role gets the passes the registry lists for it (`ditpass.passes.registry.passes_for`;
-the VAE has none yet, so it runs as it is). Every rank runs the whole pipeline (text encoders,
+``vae``. The transformers are wrapped (`ditpass.ParallelModule`, which builds them with
+``passes_for("transformer", plan)``); the registry lists no VAE pass yet (``passes_for("vae", plan)`` is
+empty), so the VAE runs as it is. Every rank runs the whole pipeline (text encoders,
 scheduler, VAE) with the same inputs.
 
 **The pipeline hook.** ``pipe(...)`` runs inside `Generation`: one place that knows where a
@@ -42,6 +43,7 @@ schedulers draw noise at each step). As a safeguard, the initial latents from th
 from __future__ import annotations
 
 import contextlib
+import functools
 from typing import Any
 
 import torch
@@ -118,6 +120,7 @@ def _install_hook(pipe) -> Generation:
     hook = pipe.__dict__["_ditpass_generation"] = Generation(pipe)
     base = type(pipe)
 
+    @functools.wraps(base.__call__)  # the pipeline's own signature and docs (tools inspect them)
     def __call__(self, *args, **kwargs):
         with self._ditpass_generation.run():
             return base.__call__(self, *args, **kwargs)

@@ -22,6 +22,7 @@ from typing import TYPE_CHECKING, Any
 import sympy
 import torch
 import torch.fx
+from torch._dispatch.python import enable_python_dispatcher
 from torch.fx.passes.fake_tensor_prop import FakeTensorProp
 
 from ditpass.analysis import flat
@@ -175,7 +176,9 @@ def propagate(gm: torch.fx.GraphModule, before: dict | None = None) -> int:
     prop = FakeTensorProp(gm, mode)
     changed: set = set()
     ran = 0
-    with mode:
+    # the python dispatcher, as export traces: ops whose C++ meta needs concrete sizes (constant_pad_nd
+    # with a symbolic pad) run their Python meta / decomposition, which takes symbolic ones
+    with mode, enable_python_dispatcher():
         for node in gm.graph.nodes:
             if node.op in ("placeholder", "output"):
                 prop.env[node] = node.meta.get("val")

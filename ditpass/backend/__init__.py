@@ -3,8 +3,9 @@
 - ``eager``: the GraphModule itself.
 - ``inductor``: ``torch.compile(fullgraph=True)`` region by region (`ditpass.backend.regional`): each
   distinct transformer block is compiled once and reused for every block of its kind; the glue
-  between blocks runs eagerly. The inserted collectives are functional collectives and plain
-  torch, so no region has a graph break; a break is an error.
+  between blocks runs eagerly. The inserted operations are ``torch.ops.ditpass`` custom ops
+  (opaque to the compiler, functional collectives inside), so no region has a graph break; a break
+  is an error.
 - ``nexfort``: onediff's compiler with its nexfort backend, where installed; otherwise an error that
   says what to install.
 """

@@ -38,10 +38,16 @@ class RunState:
                 buf.zero_()
 
     def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The buffer ``name``, allocated (zeros) like ``like`` on first use; the same tensor after."""
+        """The buffer ``name``, allocated (zeros) like ``like`` on first use; the same tensor after.
+
+        A name is one buffer for the model's life (a graph holds it), so a pass names its buffers per
+        input signature; asking for a name again with another shape, dtype or device is an error."""
         buf = self.buffers.get(name)
-        if buf is None or buf.shape != like.shape or buf.dtype != like.dtype or buf.device != like.device:
+        if buf is None:
             buf = self.buffers[name] = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
+        elif (buf.shape, buf.dtype, buf.device) != (like.shape, like.dtype, like.device):
+            raise ValueError(f"run-state buffer {name!r} is {tuple(buf.shape)} {buf.dtype} on {buf.device}, asked for "
+                             f"{tuple(like.shape)} {like.dtype} on {like.device}: name buffers per input signature")
         return buf
 
     def __repr__(self) -> str:
