@@ -8,20 +8,19 @@ generation (`ditpass.runtime.state.RunState`), reset by the pipeline hook.
 """
 from __future__ import annotations
 
-import contextlib
 from typing import Any
 
 import torch
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from .build import Record, build
 from .capture import capture, signature_of
 from .mesh import ParallelDims, init_distributed
 from .plan import Plan
 from .runtime.batch import BatchSplit
+from .runtime.seq import sdpa_backend
 from .runtime.state import RunState
 
-__all__ = ["ParallelModule", "sdpa_backend"]
+__all__ = ["ParallelModule"]
 
 
 class ParallelModule(torch.nn.Module):
@@ -76,14 +75,3 @@ class ParallelModule(torch.nn.Module):
         with sdpa_backend(self.plan.attention):
             return runner(*args, **kwargs)
 
-
-def sdpa_backend(name: str):
-    """The context that makes SDPA use ``Plan.attention``'s kernel ("auto": torch's own choice).
-
-    It sets torch's SDPA backend flags, which ``F.scaled_dot_product_attention`` and ditpass's ring
-    attention (`ditpass.runtime.seq.sdpa_lse`) both follow."""
-    if name == "auto":
-        return contextlib.nullcontext()
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
-    return sdpa_kernel(backend)

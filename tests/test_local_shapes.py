@@ -19,7 +19,7 @@ from ditpass.models import zoo
 from dist_utils import run_distributed
 
 _STATE: dict = {}
-MODELS = ["FluxTransformer2DModel", "PixArtTransformer2DModel", "CogVideoXTransformer3DModel"]
+MODELS = ["FluxTransformer2DModel", "CogVideoXTransformer3DModel"]  # joint text+image; video (3-D patches)
 PLANS = [dict(ulysses=2), dict(ring=2)]
 
 

@@ -15,9 +15,12 @@ functional collectives, run eagerly inside the op. Group arguments are c10d grou
 """
 from __future__ import annotations
 
-import torch
+import contextlib
 
-__all__ = ["all_gather", "chunk_len", "local_len", "shard", "gather", "ulysses_send", "seq_attention", "sdpa_lse", "merge_lse"]
+import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+__all__ = ["all_gather", "sdpa_backend", "chunk_len", "local_len", "shard", "gather", "ulysses_send", "seq_attention", "sdpa_lse", "merge_lse"]
 
 
 _c10d = torch.ops._c10d_functional  # the functional collectives' ops: plain tensors in, plain tensors out
@@ -116,6 +119,18 @@ def _additive(mask, dtype):
     if mask is None or mask.dtype != torch.bool:
         return mask
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
+
+
+def sdpa_backend(name: str):
+    """The context that makes SDPA use the kernel ``name`` (``Plan.attention``; "auto": torch's choice).
+
+    It sets torch's SDPA backend flags, which ``F.scaled_dot_product_attention`` and the ring attention
+    here (`sdpa_lse`) both follow."""
+    if name == "auto":
+        return contextlib.nullcontext()
+    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
+    return sdpa_kernel(backend)
 
 
 def _sdpa_flags() -> tuple[bool, bool, bool]:
