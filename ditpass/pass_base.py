@@ -35,7 +35,7 @@ if TYPE_CHECKING:
     from ditpass.runtime.state import RunState
 
 __all__ = ["PassContext", "GraphPass", "PassResult", "Collective", "Table", "PassError", "run_passes",
-           "propagate"]
+           "propagate", "nbytes"]
 
 
 class PassError(RuntimeError):
@@ -113,6 +113,17 @@ class GraphPass:
 
     def ensures(self, gm: torch.fx.GraphModule, ctx: PassContext) -> None:
         pass
+
+
+def nbytes(val) -> int:
+    """Bytes of a tensor value at the captured sizes (hints: never ``int()`` a SymInt, which would
+    specialise it); 0 for a non-tensor."""
+    if not isinstance(val, torch.Tensor):
+        return 0
+    numel = 1
+    for s in val.shape:
+        numel *= _size(s)[1] or 1
+    return numel * val.element_size()
 
 
 def _fake_mode(gm: torch.fx.GraphModule):

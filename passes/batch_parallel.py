@@ -13,18 +13,9 @@ import torch.fx
 
 from ditpass.analysis import flat
 from ditpass.analysis.symbolic import node_val
-from ditpass.pass_base import Collective, GraphPass, PassContext, PassResult
+from ditpass.pass_base import Collective, GraphPass, PassContext, PassResult, nbytes
 
 __all__ = ["BatchParallel"]
-
-
-def _bytes(val) -> int:
-    if not isinstance(val, torch.Tensor):
-        return 0
-    n = 1
-    for s in val.shape:
-        n *= (s.node.hint or 1) if isinstance(s, torch.SymInt) else int(s)
-    return n * val.element_size()
 
 
 class BatchParallel(GraphPass):
@@ -41,7 +32,7 @@ class BatchParallel(GraphPass):
                 + ("(CFG: one guidance half per cfg rank)" if cfg > 1 else "(an equal share of the prompts)"))
         out_node = next(n for n in reversed(gm.graph.nodes) if n.op == "output")
         outs = [a for a in flat(out_node.args) if isinstance(a, torch.fx.Node) and isinstance(node_val(a), torch.Tensor)]
-        collectives = [Collective(a.name, "all_gather", "batch", "output", _bytes(node_val(a))) for a in outs]
+        collectives = [Collective(a.name, "all_gather", "batch", "output", nbytes(node_val(a))) for a in outs]
         io = {f"out {i}": f"rows all-gathered over dp x cfg ({pl.degree('batch')} ranks)" for i in range(len(outs))}
         return PassResult(self.name, False, collectives=collectives, notes=[note], io=io,
                           details={"dp": dp, "cfg": cfg, "dp_rank": pl.coords["dp"], "cfg_rank": pl.coords["cfg"]})

@@ -20,7 +20,7 @@ import torch.fx
 from ditpass.analysis import flat
 from ditpass.analysis.blocks import module_path
 from ditpass.analysis.symbolic import dim_exprs, node_val
-from ditpass.pass_base import Collective, PassContext
+from ditpass.pass_base import Collective, PassContext, nbytes
 from ditpass.runtime import seq
 from ditpass.runtime.ops import OPS
 from ditpass.runtime.sites import SeqAttention
@@ -558,13 +558,9 @@ def _sum(g, nodes):
 
 
 def _nbytes(val, n: int) -> int:
-    """Bytes of ``val`` at the captured sizes (hints: never ``int()`` a SymInt, which would specialise it)."""
-    if not isinstance(val, torch.Tensor):
-        return 0
-    numel = 1
-    for s in val.shape:
-        numel *= (s.node.hint or 1) if isinstance(s, torch.SymInt) else int(s)
-    return numel * val.element_size() * (n - 1) // max(n, 1) if n > 1 else numel * val.element_size()
+    """Bytes this rank sends of ``val`` in an all-gather over ``n`` ranks: (n-1)/n of it."""
+    total = nbytes(val)
+    return total * (n - 1) // n if n > 1 else total
 
 
 class _Fallback(Exception):
