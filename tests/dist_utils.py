@@ -11,6 +11,13 @@
 An exception in any rank is re-raised in the caller as the same exception, with the child's
 traceback attached as its cause; the other ranks are killed. Nothing waits longer than
 ``timeout`` seconds: a rank that hangs is killed and TimeoutError names it.
+
+A model test that wants one capture for all its ranks forks them from the parent instead:
+
+    def _worker(rank, world_size, model, inputs, ref, plan):   # any function: nothing is pickled
+        ...
+
+    ref, results = run_forked(_worker, 2, model, inputs, plan)   # reference + capture, once, here
 """
 
 from __future__ import annotations
@@ -28,7 +35,7 @@ from datetime import timedelta
 
 import torch.multiprocessing as mp
 
-__all__ = ["run_distributed", "RemoteTraceback"]
+__all__ = ["run_distributed", "run_forked", "first_output", "RemoteTraceback"]
 
 # Imported once by the fork server, so that ranks start with them loaded; add modules that
 # most multi-process tests import (a missing one is skipped).
@@ -121,8 +128,9 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120, start_meth
     process group (initialised before ``fn`` runs, destroyed after), and return the list of
     their return values by rank.
 
-    ``fn`` and ``args`` must be picklable (``fn`` defined at module level); return values are
-    pickled, so tensors come back as copies.
+    ``fn`` and ``args`` must be picklable (``fn`` defined at module level), except with
+    ``start_method="fork"``: the ranks then inherit them, as every other object of this process
+    (see ``run_forked``). Return values are pickled, so tensors come back as copies.
     """
     __tracebackhide__ = True  # pytest: show the child's traceback, not this loop
     ctx = _context(start_method)
@@ -208,3 +216,33 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120, start_meth
             raise RuntimeError(header) from cause
         raise exc from cause
     return [values[r] for r in range(world_size)]
+
+
+def first_output(out):
+    """The first output of a model call: ``out[0]`` of a tuple (``return_dict=False``), else ``.sample``."""
+    return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+
+
+def run_forked(fn, world_size: int, model, inputs: dict, *args, timeout: float = 120):
+    """The fork-and-capture pattern: the single-process reference ``first_output(model(**inputs))``
+    (under ``no_grad``) and ``ditpass.capture(model, **inputs)`` are done once, here; then
+    ``fn(rank, world_size, model, inputs, ref, *args)`` runs in ``world_size`` ranks forked from this
+    process, so they share the model and hit the capture cache instead of exporting it once each.
+
+    ``fn`` and ``args`` need not be picklable (fork passes them); return values are, as for
+    ``run_distributed``. Returns ``(ref, [rank 0's return, rank 1's, ...])``.
+    """
+    __tracebackhide__ = True
+    import torch
+
+    import ditpass
+
+    with torch.no_grad():
+        ref = first_output(model(**inputs))
+    ditpass.capture(model, **inputs)  # once, in the parent; the forked ranks hit the cache
+
+    def forked(rank, world_size, *args):
+        return fn(rank, world_size, model, inputs, ref, *args)
+
+    forked.__qualname__ = fn.__qualname__  # what run_distributed's errors name
+    return ref, run_distributed(forked, world_size, *args, timeout=timeout, start_method="fork")

@@ -5,18 +5,14 @@ import pytest
 import torch
 
 import ditpass
-from ditpass.module import sdpa_backend
+from ditpass.runtime.seq import sdpa_backend
 from ditpass.plan import PlanError
 from ditpass.runtime import seq
 
-from dist_utils import run_distributed
+from dist_utils import run_forked
 from tiny_models import tiny_flux
 
-_STATE: dict = {}
-
-
-def _ring(rank, world, attention):
-    model, inputs, ref = _STATE["model"], _STATE["inputs"], _STATE["ref"]
+def _ring(rank, world, model, inputs, ref, attention):
     calls = []
     math_lse = seq._math_lse
     seq._math_lse = lambda *a, **k: calls.append(1) or math_lse(*a, **k)  # the attention op's body calls it by module global
@@ -30,12 +26,9 @@ def _ring(rank, world, attention):
 
 def test_ring_attention_follows_the_plan():
     model, inputs = tiny_flux()
-    with torch.no_grad():
-        ref = model(**inputs)[0]
-    ditpass.capture(model, **inputs)
-    _STATE.update(model=model, inputs=inputs, ref=ref)
     for attention, math_used in (("math", True), ("auto", False)):
-        for diff, calls in run_distributed(_ring, 2, attention, timeout=600, start_method="fork"):
+        _, results = run_forked(_ring, 2, model, inputs, attention, timeout=600)
+        for diff, calls in results:
             assert diff <= 1e-4
             assert (calls > 0) == math_used, (attention, calls)
 

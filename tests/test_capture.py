@@ -164,6 +164,13 @@ def test_dynamo_fallback():
     ptrs = {p.data_ptr() for p in m.parameters()}
     for gm in cap.graph_modules:
         assert all(p.data_ptr() in ptrs for p in gm.parameters())
+    # Dynamo passes the parameters to its graphs as inputs, so the graphs above may hold none (and the
+    # check above none to check): the capture must also follow an in-place change of the model's weights
+    assert cap.graph_modules
+    with torch.no_grad():
+        m.lin.weight.mul_(-1)
+        for inp in (x, -x):
+            assert max_abs_diff(m(inp), cap(inp)) <= 1e-6
 
 
 class _Picky(torch.nn.Module):

@@ -8,18 +8,14 @@ import torch
 import ditpass
 from ditpass.backend import BackendError, compile_graph
 
-from dist_utils import run_distributed
+from dist_utils import run_forked
 from tiny_models import tiny_flux
 from ditpass.models import zoo
 from ditpass.backend.regional import RegionalModule
 
-_STATE: dict = {}
-
-
-def _compiled(rank, world, fields):
+def _compiled(rank, world, model, inputs, ref, fields):
     import torch._dynamo
 
-    model, inputs, ref = _STATE["model"], _STATE["inputs"], _STATE["ref"]
     torch._dynamo.reset()
     before = torch._dynamo.utils.counters["stats"]["unique_graphs"]  # forked: the parent's count comes along
     with torch.no_grad():
@@ -40,11 +36,7 @@ def test_inductor_no_graph_break_same_output(fields):
     """ring=2 too: its kernel choice reads torch's SDPA flags, which Dynamo can't trace (it broke the
     compile on GPUs: 'torch.* op returned non-Tensor')."""
     model, inputs = tiny_flux()
-    with torch.no_grad():
-        ref = model(**inputs)[0]
-    ditpass.capture(model, **inputs)
-    _STATE.update(model=model, inputs=inputs, ref=ref)
-    results = run_distributed(_compiled, 2, fields, timeout=900, start_method="fork")
+    _, results = run_forked(_compiled, 2, model, inputs, fields, timeout=900)
     for diff, diff2, graphs, templates, regions in results:
         assert diff <= 1e-4 and diff2 <= 1e-4
         assert graphs == templates >= 2  # one graph per compiled block template: no break inside any

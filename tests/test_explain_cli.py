@@ -101,7 +101,8 @@ def test_explain_dry_run_and_svg(captured, tmp_path):
     e = explain(result, graph=True)
     text = str(e)
     assert "DRY RUN as rank 0 of 2" in text
-    assert all(r.rstrip().endswith("joint: ulysses") for r in _section(text, "attention sites"))
+    sites = _section(text, "attention sites")
+    assert sites and all(r.rstrip().endswith("joint: ulysses") for r in sites), sites
     d = e.to_dict()
     ps = {p["name"]: p for p in d["parts"][0]["passes"]}
     sp = ps["sequence_parallel"]

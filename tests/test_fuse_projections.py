@@ -10,11 +10,10 @@ from ditpass.models import zoo
 from ditpass.passes.fuse_projections import FuseProjections
 from ditpass.backend.regional import RegionalModule
 
-from dist_utils import run_distributed
+from dist_utils import run_forked
 from tiny_models import pass_context as _context, tiny_flux
 
 aten = torch.ops.aten
-_STATE: dict = {}
 
 
 def _linears(gm) -> int:
@@ -114,8 +113,7 @@ def test_tied_weight_and_meta_device():
     assert res.modified and gm(x).shape == (2, 50) and m.a.weight.device.type == "meta"
 
 
-def _ulysses(rank, world):
-    model, inputs = _STATE["model"], _STATE["inputs"]
+def _ulysses(rank, world, model, inputs, ref):
     with torch.no_grad():
         pm = ditpass.parallelize(model, ditpass.Plan(ulysses=2, fuse_projections=True))
         out = pm(**inputs)[0]
@@ -124,12 +122,8 @@ def _ulysses(rank, world):
 
 
 def test_ulysses_with_fusion_matches_single_device():
-    model, inputs = tiny_flux()
-    with torch.no_grad():
-        ref = model(**inputs)[0]
-    ditpass.capture(model, **inputs)  # once, in the parent; the forked ranks share it
-    _STATE.update(model=model, inputs=inputs)
-    for out, groups, sharded in run_distributed(_ulysses, 2, timeout=120, start_method="fork"):
+    ref, results = run_forked(_ulysses, 2, *tiny_flux(), timeout=120)
+    for out, groups, sharded in results:
         assert sharded and len(groups) == 3
         assert _close(out, ref)
         # the single block's MLP projection stays apart from its q/k/v, which feed the all-to-all: it is

@@ -16,9 +16,8 @@ from torch.fx._pytree import tree_flatten_spec
 import ditpass
 from ditpass.models import zoo
 
-from dist_utils import run_distributed
+from dist_utils import run_forked
 
-_STATE: dict = {}
 MODELS = ["FluxTransformer2DModel", "CogVideoXTransformer3DModel"]  # joint text+image; video (3-D patches)
 PLANS = [dict(ulysses=2), dict(ring=2)]
 
@@ -42,9 +41,8 @@ class _Shapes(torch.fx.Interpreter):
         return out
 
 
-def _run(rank, world, plans):
+def _run(rank, world, model, inputs, ref, plans):
     warnings.filterwarnings("ignore")
-    model, inputs = _STATE["model"], _STATE["inputs"]
     out = []
     with torch.no_grad():
         for fields in plans:
@@ -72,9 +70,9 @@ def test_meta_val_is_the_local_shape(name):
     torch.manual_seed(0)
     model = zoo.build(name)
     inputs = zoo.make_inputs(name)
-    ditpass.capture(model, **inputs)  # once in the parent: the forked ranks hit the cache
-    _STATE.update(model=model, inputs=inputs)
-    for rank_results in run_distributed(_run, 2, PLANS, timeout=600, start_method="fork"):
+    _, results = run_forked(_run, 2, model, inputs, PLANS, timeout=600)
+    for rank_results in results:
+        assert len(rank_results) == len(PLANS), rank_results
         for r in rank_results:
             assert r["shards"] > 0, r  # the sequence was split: there are local shapes to get right
             assert r["checked"] > 100, r

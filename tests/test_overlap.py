@@ -8,16 +8,12 @@ import torch
 
 import ditpass
 from ditpass.runtime.ops import OPS
-from dist_utils import run_distributed
+from dist_utils import run_forked
 from tiny_models import tiny_flux
 
-_STATE: dict = {}
-
-
-def _run(rank, world):
+def _run(rank, world, model, inputs, ref):
     import os
 
-    model, inputs = _STATE["model"], _STATE["inputs"]
     with torch.no_grad():
         pm = ditpass.parallelize(model, ditpass.Plan(ulysses=2))
         y = pm(**inputs)[0]
@@ -36,17 +32,13 @@ def _run(rank, world):
         y2 = pm2(**inputs)[0]
         skipped = next(r for r in pm2.ditpass_records[0].results if r.name == "overlap")
         assert not skipped.modified and "DITPASS_SKIP_PASSES" in skipped.notes[0]
-    return dict(diff=float((y - _STATE["ref"]).abs().max()), same=bool(torch.equal(y, y2)),
+    return dict(diff=float((y - ref).abs().max()), same=bool(torch.equal(y, y2)),
                 moved=dict(res.details["moved_per_block"]), order=order, note=res.notes[0])
 
 
 def test_overlap_moves_single_block_mlp_and_changes_nothing():
     model, inputs = tiny_flux()
-    with torch.no_grad():
-        ref = model(**inputs)[0]
-    ditpass.capture(model, **inputs)
-    _STATE.update(model=model, inputs=inputs, ref=ref)
-    results = run_distributed(_run, 2, timeout=300, start_method="fork")
+    _, results = run_forked(_run, 2, model, inputs, timeout=300)
     n_single = len(model.single_transformer_blocks)
     for r in results:
         assert r["diff"] <= 1e-4
@@ -54,9 +46,10 @@ def test_overlap_moves_single_block_mlp_and_changes_nothing():
         # single blocks: proj_mlp (and its GELU) moved after the send (double blocks: only the AdaLN
         # chunks their MLP uses later)
         assert {f"single_transformer_blocks.{i}" for i in range(n_single)} <= set(r["moved"]), r["moved"]
-        for block, linears_after in r["order"]:
-            if block.startswith("single"):
-                assert linears_after >= 2, (block, linears_after)  # proj_mlp and proj_out follow the send
+        singles = [(block, n) for block, n in r["order"] if block.startswith("single")]
+        assert len(singles) == n_single, r["order"]  # one send per single block (q/k/v together)
+        for block, linears_after in singles:
+            assert linears_after >= 2, (block, linears_after)  # proj_mlp and proj_out follow the send
 
 
 def test_skip_passes_names_must_exist(monkeypatch):

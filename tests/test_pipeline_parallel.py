@@ -9,7 +9,8 @@ cfg=2 x ulysses=2 and dp=2 x cfg=2 on 4 ranks. Plus a padded batch (3 labels, dp
 with the gather skipped, and the error cases.
 
 The reference run and every capture the ranks will need (one per local batch size) happen once
-in the parent; the ranks are forked from it and hit the capture cache.
+in the parent; the ranks are forked from it (the pipeline passed to them as an argument, which fork
+does not pickle) and hit the capture cache.
 """
 from __future__ import annotations
 
@@ -116,7 +117,7 @@ PIPES = {
 
 # ---- parent-side setup, shared with the forked ranks ----------------------------------------
 
-_STATE: dict = {}
+_PIPES: dict = {}  # (name, repr(kwargs)) -> the pipeline, its reference run and its transformer calls
 
 
 def _call(pipe, kwargs, seed=0):
@@ -127,12 +128,12 @@ def _call(pipe, kwargs, seed=0):
 
 def _setup(name: str, kwargs: dict | None = None, layouts=()):
     """Build the pipeline, run it once (the reference) and capture the transformer for each local
-    batch that ``layouts`` (``(dp, cfg)`` pairs) will give; everything cached in ``_STATE``."""
+    batch that ``layouts`` (``(dp, cfg)`` pairs) will give; everything cached in ``_PIPES``."""
     warnings.filterwarnings("ignore")
     build, default_kwargs = PIPES[name]
     kwargs = default_kwargs if kwargs is None else kwargs
     key = (name, repr(kwargs))
-    if key not in _STATE:
+    if key not in _PIPES:
         torch.manual_seed(0)
         pipe = build()
         pipe.set_progress_bar_config(disable=True)
@@ -140,8 +141,8 @@ def _setup(name: str, kwargs: dict | None = None, layouts=()):
         hook = pipe.transformer.register_forward_pre_hook(lambda m, a, k: calls.append((a, k)), with_kwargs=True)
         ref = _call(pipe, kwargs)
         hook.remove()
-        _STATE[key] = dict(pipe=pipe, kwargs=kwargs, ref=ref, first_call=calls[0], n_calls=len(calls))
-    st = _STATE[key]
+        _PIPES[key] = dict(pipe=pipe, kwargs=kwargs, ref=ref, first_call=calls[0], n_calls=len(calls))
+    st = _PIPES[key]
     args, kw = st["first_call"]
     B = batch_rt.batch_size_of(st["pipe"].transformer, args, kw)
     for dp, cfg in layouts:  # the capture each rank will look up: done here once, inherited by fork
@@ -149,7 +150,6 @@ def _setup(name: str, kwargs: dict | None = None, layouts=()):
             continue  # refused before any capture
         la, lk = split_inputs(BatchLayout(B, dp, cfg, 0, 0), args, kw)
         ditpass.capture(st["pipe"].transformer, *la, **lk)
-    _STATE["current"] = key
     return st
 
 
@@ -160,9 +160,8 @@ def _layouts(plans):
 # ---- what every rank runs -------------------------------------------------------------------
 
 
-def _run_plans(rank, world, plans, mode):
+def _run_plans(rank, world, st, plans, mode):
     warnings.filterwarnings("ignore")
-    st = _STATE[_STATE["current"]]
     pipe, kwargs, ref = st["pipe"], st["kwargs"], st["ref"]
     if mode == "skip_gather":  # control: each rank's own rows stand in for the gathered batch
         batch_rt.all_gather = lambda x, n, group: torch.cat([x] * world)
@@ -187,12 +186,14 @@ def _run_plans(rank, world, plans, mode):
 
 
 def _check(name, plans, world, mode="ok", kwargs=None):
-    _setup(name, kwargs, _layouts(plans))
-    return run_distributed(_run_plans, world, plans, mode, timeout=300, start_method="fork")
+    """(the setup, per rank: one result per plan)."""
+    st = _setup(name, kwargs, _layouts(plans))
+    results = run_distributed(_run_plans, world, st, plans, mode, timeout=300, start_method="fork")
+    assert len(results) == world and all(len(r) == len(plans) for r in results), [len(r) for r in results]
+    return st, results
 
 
-def _assert_exact(name, plans, results):
-    st = _STATE[_STATE["current"]]
+def _assert_exact(name, plans, st, results):
     for rank, rank_results in enumerate(results):
         for fields, r in zip(plans, rank_results):
             assert r["type"] == "ParallelModule"
@@ -212,21 +213,21 @@ def _assert_exact(name, plans, results):
 @pytest.mark.parametrize("name", list(PIPES))
 def test_two_ranks_match_single_process(name):
     """ulysses=2, cfg=2, dp=2: the images equal the single-process pipeline's."""
-    _assert_exact(name, PLANS_2, _check(name, PLANS_2, 2))
+    _assert_exact(name, PLANS_2, *_check(name, PLANS_2, 2))
 
 
 @pytest.mark.parametrize("name", list(PIPES))
 def test_four_ranks_hybrid_match_single_process(name):
     """cfg=2 x ulysses=2 and dp=2 x cfg=2 (cfg-major rows, dp-major ranks) on 4 ranks."""
-    _assert_exact(name, PLANS_4, _check(name, PLANS_4, 4))
+    _assert_exact(name, PLANS_4, *_check(name, PLANS_4, 4))
 
 
 def test_uneven_batch_is_padded_exactly():
     """3 class labels without guidance (batch 3) over dp=2: rows padded to 4, dropped after."""
     kwargs = dict(class_labels=[1, 7, 3], guidance_scale=1.0)
     plans = [dict(dp=2)]
-    results = _check("DiTPipeline", plans, 2, kwargs=kwargs)
-    _assert_exact("DiTPipeline", plans, results)
+    st, results = _check("DiTPipeline", plans, 2, kwargs=kwargs)
+    _assert_exact("DiTPipeline", plans, st, results)
     assert results[0][0]["batch"] == 3 and results[0][0]["local"] == 2
 
 
@@ -234,13 +235,13 @@ def test_initial_noise_is_the_same_on_every_rank():
     """No generator and a different global seed per rank: prepare_latents' broadcast from rank 0
     gives every rank rank 0's noise (seed 0, which is also the reference's)."""
     plans = [dict(cfg=2)]
-    results = _check("PixArtSigmaPipeline", plans, 2, mode="rank_seeds")
-    _assert_exact("PixArtSigmaPipeline", plans, results)
+    st, results = _check("PixArtSigmaPipeline", plans, 2, mode="rank_seeds")
+    _assert_exact("PixArtSigmaPipeline", plans, st, results)
 
 
 def test_control_without_gather_differs():
     """The comparison can fail: with the all-gather skipped the images differ."""
-    results = _check("DiTPipeline", [dict(cfg=2)], 2, mode="skip_gather")
+    _, results = _check("DiTPipeline", [dict(cfg=2)], 2, mode="skip_gather")
     assert min(r[0]["diff"] for r in results) > 1e-2
 
 

@@ -16,7 +16,7 @@ import ditpass
 from ditpass.models import zoo
 from ditpass.runtime import seq
 
-from dist_utils import run_distributed
+from dist_utils import first_output, run_forked
 from tiny_models import tiny_flux
 
 TOL = 1e-4
@@ -32,32 +32,15 @@ UNEVEN_OVERRIDES = {
     "MochiTransformer3DModel": dict(height=48, width=80, text_len=7, frames=13),
 }
 
-_STATE: dict = {}
-
-
-def _first(out):
-    return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
-
-
-def _setup(name, inputs):
-    torch.manual_seed(0)
-    model = zoo.build(name)
-    with torch.no_grad():
-        ref = _first(model(**inputs))
-    ditpass.capture(model, **inputs)  # once, in the parent; the forked ranks hit the cache
-    _STATE.update(model=model, inputs=inputs, ref=ref)
-
-
-def _run_plans(rank, world, plans, broken):
+def _run_plans(rank, world, model, inputs, ref, plans, broken):
     warnings.filterwarnings("ignore")
-    model, inputs, ref = _STATE["model"], _STATE["inputs"], _STATE["ref"]
     if broken:  # control: attention that only sees this rank's tokens
         seq.seq_attention = lambda q, k, v, scale, *a, **kw: torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=scale)
     out = []
     with torch.no_grad():
         for fields in plans:
             pm = ditpass.parallelize(model, ditpass.Plan(**fields))
-            y = _first(pm(**inputs))
+            y = first_output(pm(**inputs))
             rec = pm.ditpass_records[0]
             res = next(r for r in rec.results if r.name == "sequence_parallel")
             out.append(dict(diff=float((y - ref).abs().max()), shape=tuple(y.shape),
@@ -66,9 +49,16 @@ def _run_plans(rank, world, plans, broken):
     return out
 
 
-def _check(name, inputs, plans=PLANS, world=4, broken=False):
-    _setup(name, inputs)
-    return run_distributed(_run_plans, world, plans, broken, timeout=600, start_method="fork")
+def _check(model, inputs, plans=PLANS, world=4, broken=False, timeout=600):
+    """(reference, per rank: one result per plan); the model captured once, in the parent."""
+    ref, results = run_forked(_run_plans, world, model, inputs, plans, broken, timeout=timeout)
+    assert len(results) == world and all(len(r) == len(plans) for r in results), [len(r) for r in results]
+    return ref, results
+
+
+def _zoo_model(name):
+    torch.manual_seed(0)
+    return zoo.build(name)
 
 
 def _inputs(name):
@@ -77,10 +67,10 @@ def _inputs(name):
 
 @pytest.mark.parametrize("name", zoo.NAMES)
 def test_matches_single_device(name):
-    results = _check(name, _inputs(name))
+    ref, results = _check(_zoo_model(name), _inputs(name))
     for rank_results in results:
         for fields, r in zip(PLANS, rank_results):
-            assert r["shape"] == tuple(_STATE["ref"].shape)
+            assert r["shape"] == tuple(ref.shape)
             assert r["diff"] <= TOL, f"{name} {fields}: max abs diff {r['diff']:.3g} > {TOL}"
     r0 = results[0]
     # the sequence really was split: self/joint attention got a parallel strategy
@@ -92,18 +82,13 @@ def test_matches_single_device(name):
 def test_control_without_exchange_differs():
     """The comparison can fail: attention without the exchange gives a different output."""
     name = "FluxTransformer2DModel"
-    results = _check(name, _inputs(name), plans=[dict(ulysses=2)], world=2, broken=True)
+    _, results = _check(_zoo_model(name), _inputs(name), plans=[dict(ulysses=2)], world=2, broken=True)
     assert results[0][0]["diff"] > 1e-2
 
 
 def test_heads_not_divisible_by_ulysses():
     """3 heads over ulysses=2: heads are padded, the result stays exact."""
-    model, inputs = tiny_flux(heads=3)
-    with torch.no_grad():
-        ref = _first(model(**inputs))
-    ditpass.capture(model, **inputs)
-    _STATE.update(model=model, inputs=inputs, ref=ref)
-    results = run_distributed(_run_plans, 2, [dict(ulysses=2)], False, timeout=300, start_method="fork")
+    _, results = _check(*tiny_flux(heads=3), plans=[dict(ulysses=2)], world=2, timeout=300)
     r = results[0][0]
     assert r["diff"] <= TOL
     assert any("padded to 4" in s for s in r["strategies"].values()), r["strategies"]
@@ -112,7 +97,7 @@ def test_heads_not_divisible_by_ulysses():
 def test_structure_of_rewritten_graph():
     """Collectives by site kind: joint/self attention run sequence-parallel, cross stays local."""
     name = "PixArtTransformer2DModel"
-    results = _check(name, _inputs(name), plans=[dict(ulysses=2)], world=2)
+    _, results = _check(_zoo_model(name), _inputs(name), plans=[dict(ulysses=2)], world=2)
     r = results[0][0]
     kinds = [s.split(":")[0] for s in r["strategies"].values()]
     n_blocks = zoo.config(name, "tiny")["num_layers"]
