@@ -11,7 +11,7 @@ import torch.fx
 from torch.fx.experimental.symbolic_shapes import ShapeEnv
 from torch._subclasses.fake_tensor import FakeTensorMode
 
-from ditpass.runtime import ops, seq, sites
+from ditpass.runtime import seq, sites
 from ditpass.runtime.ops import OPS
 from ditpass.runtime.state import RunState
 
