@@ -6,6 +6,7 @@
 #   ARCH_DEADLINE=540 (whole script, seconds) ARCH_RES="1024 2048" ARCH_IPLANS=single,single+f,single+gf,single+g
 #   ARCH_EPLANS=single ARCH_EXTRA="--iters 5" ARCH_ORDER="base new" NEW_LABEL=<commit of the working tree>
 #   ARCH_EST_SCALE=0.6 ARCH_MIN_SHARE=90 (see below); BASE_SRC=benchmarks/.base_src
+#   ARCH_GPUS=4 (kind nvidia-h200-x4): ulysses=4 plans u4, u4+g and diffusers' Ulysses-4 context parallelism
 # Smoke (GPU, tiny model, ~1 min): ARCH_DEADLINE=150 ARCH_MIN_SHARE=30 ARCH_EST_SCALE=0 ARCH_RES=512
 #   ARCH_IPLANS=single+g ARCH_EXTRA="--layers 1 --single 1 --iters 2 --warmup 1" ARCH_ORDER="new base"
 # Per invocation (bench_perf.py --order kind, its priority order): diffusers eager (reference) at each res,
@@ -75,10 +76,15 @@ ENV_PID=$!  # in the background: its cold imports took ~13 s, and it is done lon
 note "run $BENCH_RUN_ID: order '$ORDER'; base ${BASE_LABEL:-none} (src ${BASE_HASH:-}); new $NEW_LABEL"
 
 RES=${ARCH_RES:-1024 2048}
-IPLANS=${ARCH_IPLANS:-single,single+f,single+gf,single+g}
-EPLANS=${ARCH_EPLANS:-single}
+GPUS=${ARCH_GPUS:-1}  # 4: ulysses=4 plans, and diffusers' Ulysses-4 context parallelism (compiled) as the peer
+if [ "$GPUS" -gt 1 ]; then
+  IPLANS=${ARCH_IPLANS:-u$GPUS,u$GPUS+g}; EPLANS=${ARCH_EPLANS:-u$GPUS}; KINDS=ref,ditpass-inductor,diffusers-compiled,ditpass-eager,diffusers-cp
+else
+  IPLANS=${ARCH_IPLANS:-single,single+f,single+gf,single+g}; EPLANS=${ARCH_EPLANS:-single}
+  KINDS=ref,ditpass-inductor,diffusers-compiled,ditpass-eager
+fi
 ARGS=(--res $RES --plans "$EPLANS" --inductor-plans "$IPLANS" --xdit-plans none
-      --measure ref,ditpass-inductor,diffusers-compiled,ditpass-eager ${ARCH_EXTRA:-})
+      --measure $KINDS ${ARCH_EXTRA:-})
 GRACE=20    # bench_perf.py's --grace: a measurement may run this long past --deadline-at (then its watchdog)
 TAIL=${ARCH_TAIL:-10}  # seconds kept for the comparison at the end
 # bench_perf.py starts a measurement only if the time left covers its rough estimate (EST_S) x this scale;
@@ -103,7 +109,7 @@ for tree in $ORDER; do
     from=$(( $(wc -l < "$LOG") + 1 ))
     note "$tree ($label, $src): bench_perf.py, ${left}s"
     BENCH_DITPASS_SRC=$(cd "$src" && pwd) DITPASS_COMMIT=$label TORCHINDUCTOR_CACHE_DIR=/tmp/inductor_$tree \
-      timeout --kill-after=8 $((left - 3)) python3 -m torch.distributed.run --standalone --nproc_per_node=1 \
+      timeout --kill-after=8 $((left - 3)) python3 -m torch.distributed.run --standalone --nproc_per_node=$GPUS \
       "$script" --deadline-at $(( $(date +%s) + left - GRACE - 10 )) --grace $GRACE --est-scale $EST \
       --out "$part" $resume \
       "${ARGS[@]}" >> "$LOG" 2>&1
