@@ -84,7 +84,6 @@ class Generation:
 
     def __init__(self, pipe):
         self.pipe = pipe
-        self.count = 0  # generations run through the hook
 
     def models(self) -> list[ParallelModule]:
         return [m for group in roles(self.pipe).values() for m in group.values() if isinstance(m, ParallelModule)]
@@ -108,7 +107,6 @@ class Generation:
         finally:
             if step is not None:
                 del scheduler.step
-            self.count += 1
 
 
 def _install_hook(pipe) -> Generation:
@@ -135,9 +133,6 @@ def parallelize_pipeline(pipe, plan: Plan):
 
     Calling it again with another plan re-wraps the original transformer (no nesting).
     """
-    from ditpass.passes.registry import check_built
-
-    check_built(plan)
     by_role = roles(pipe)
     if not by_role["transformer"]:
         denoisers = [n for n, m in pipe.components.items() if isinstance(m, torch.nn.Module)]

@@ -59,11 +59,6 @@ class Placement:
     def group(self, axis: str) -> str:
         return self.groups.get(axis, "")
 
-    @property
-    def sp(self) -> int:
-        """Sequence-parallel degree (ring x ulysses)."""
-        return self.degree("sp")
-
 
 @dataclass(frozen=True)
 class ParallelDims:

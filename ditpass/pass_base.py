@@ -144,7 +144,7 @@ def _size(s) -> tuple:
     return sympy.expand(sympy.sympify(s.node.expr)), hint
 
 
-def _shape_text(val) -> tuple | None:
+def _dims(val) -> tuple | None:
     return tuple(_size(s) for s in val.shape) if isinstance(val, torch.Tensor) else None
 
 
@@ -161,9 +161,13 @@ def _outputs(gm: torch.fx.GraphModule) -> list:
     return [a.meta.get("val") if isinstance(a, torch.fx.Node) else None for a in flat(out.args)]
 
 
+def _wire(n: torch.fx.Node) -> tuple:
+    """A node's op and arguments: what tells afterwards whether a pass added or rewired it."""
+    return n.target, repr(n.args), repr(n.kwargs)
+
+
 def _wiring(gm: torch.fx.GraphModule) -> dict:
-    """Each node's op and arguments, to tell afterwards which nodes a pass added or rewired."""
-    return {n: (n.target, repr(n.args), repr(n.kwargs)) for n in gm.graph.nodes}
+    return {n: _wire(n) for n in gm.graph.nodes}
 
 
 def _same_val(a, b) -> bool:
@@ -194,7 +198,7 @@ def propagate(gm: torch.fx.GraphModule, before: dict | None = None) -> int:
             if node.op in ("placeholder", "output"):
                 prop.env[node] = node.meta.get("val")
                 continue
-            fresh = before is None or before.get(node) != (node.target, repr(node.args), repr(node.kwargs))
+            fresh = before is None or before.get(node) != _wire(node)
             if not (fresh or "val" not in node.meta or any(a in changed for a in node.all_input_nodes)):
                 prop.env[node] = node.meta["val"]
                 continue
@@ -209,7 +213,7 @@ def propagate(gm: torch.fx.GraphModule, before: dict | None = None) -> int:
 def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: list[GraphPass]) -> list[PassResult]:
     """Apply ``passes`` in order; every failure names the pass and what ran before it."""
     results: list[PassResult] = []
-    want = [_shape_text(v) for v in _outputs(gm)]  # the module's interface: passes keep it
+    want = [_dims(v) for v in _outputs(gm)]  # the module's interface: passes keep it
     for p in passes:
         if not p.enabled(ctx):
             results.append(PassResult(p.name, False, notes=[p.off_note]))
@@ -224,7 +228,7 @@ def run_passes(gm: torch.fx.GraphModule, ctx: PassContext, passes: list[GraphPas
             gm.graph.lint()
             gm.recompile()
             if propagate(gm, wiring):
-                got = [_shape_text(v) for v in _outputs(gm)]
+                got = [_dims(v) for v in _outputs(gm)]
                 if not all(_same_shape(a, b) for a, b in zip(want, got)) or len(want) != len(got):
                     raise PassError(f"pass {p.name!r} (passes run before it: {ran}) changed the output shapes "
                                     f"from {want} to {got}")
