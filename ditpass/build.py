@@ -83,7 +83,16 @@ def build(captured, plan, placement, *, component: str = "transformer", state=No
     ctx = PassContext(analysis, plan, placement, sites, state)
     results = run_passes(gm, ctx, passes)
     runner = None
-    if backend:
+    if backend and "pipefusion" in ctx.graphs:
+        from .backend import compile_graph
+        from .runtime.pipeline import PipeFusionRunner, free_unused
+
+        pf = ctx.graphs["pipefusion"]
+        runner = PipeFusionRunner(gm, pf.patch_gm, pf.tail_gm, pf.cut, pf.patch, pf.patch_outputs, plan, placement, state,
+                                  compile_fn=lambda g: compile_graph(g, plan.compile))
+        # this rank keeps its stage's weights only (what its two stage graphs read)
+        runner.freed = free_unused(captured.module, runner.graphs)
+    elif backend:
         from .backend import compile_graph
 
         runner = compile_graph(gm, plan.compile)

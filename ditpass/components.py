@@ -95,6 +95,8 @@ class Generation:
             m.ditpass_state.reset()
         scheduler = getattr(self.pipe, "scheduler", None)
         step = getattr(scheduler, "step", None)
+        for m in models:
+            m.ditpass_state.steps_counted = step is not None
         if step is not None:
             def counted(*args, **kwargs):
                 for m in models:

@@ -58,6 +58,13 @@ class ParallelModule(torch.nn.Module):
         """Capture and build for these inputs (done by the first call automatically)."""
         sig = signature_of(args, kwargs)
         if sig not in self._records:
+            if self.plan.pipefusion > 1 and self._records:
+                from .errors import PlanError
+
+                raise PlanError(
+                    "PipeFusion freed the weights of the other pipeline stages on this rank after the first "
+                    "input signature, so a call with new input shapes cannot be captured again: parallelize a "
+                    "fresh model for each resolution (or batch size)")
             captured = capture(self.module, *args, dynamic_shapes=self.dynamic_shapes, **kwargs)
             self._records[sig] = build(captured, self.plan, self.placement, state=self.ditpass_state)
         return self._records[sig]

@@ -96,6 +96,8 @@ class PassContext:
     placement: Placement  # this rank's coordinates and group names
     sites: SiteTable  # one entry per attention site (`ditpass.runtime.sites`)
     state: RunState | None = None  # the model's state across calls (`ditpass.runtime.state`)
+    # graphs a pass makes besides the one it rewrites (PipeFusion's patch graph), by name, for build()
+    graphs: dict = field(default_factory=dict)
 
 
 class GraphPass:

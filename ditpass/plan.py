@@ -67,6 +67,13 @@ class Plan:
     ulysses: int = 1
     # DiTFastAttn: None/False = off, True = calibrate a plan now, str = path of a saved plan
     fastattn: bool | str | None = None
+    # DiTFastAttn's calibration bound: relative L1 error of the transformer output per step, scaled by
+    # (site index + 1) / sites; 0 = full attention everywhere (ditpass/runtime/fastattn.py)
+    fastattn_threshold: float = 0.05
+    # DiTFastAttn's window (WA-RS): the share of the sequence each query sees, half before and half after
+    fastattn_window: float = 0.125
+    # DiTFastAttn's calibration inputs (prompts or class labels), each run through the whole denoising loop
+    fastattn_calib: int = 4
     # graph backend: "eager" (no compile), "inductor" (torch.compile), "nexfort" (onediff's compiler)
     compile: str = "eager"
     # SDPA kernel: "auto" lets torch choose, else "flash", "efficient", "cudnn" or "math"
@@ -238,6 +245,7 @@ class Plan:
             )
         if self.fastattn == "":
             raise PlanError("fastattn='': give the path of a saved fastattn plan, True or None")
+        self._check_fastattn()
         _check_choice("compile", self.compile, COMPILE_BACKENDS)
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
@@ -257,6 +265,26 @@ class Plan:
                     )
                 if key == "attention":
                     _check_choice(f"override {glob!r}: attention", value, ATTENTION_BACKENDS)
+
+    def _check_fastattn(self):
+        t, w, n = self.fastattn_threshold, self.fastattn_window, self.fastattn_calib
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t < math.inf):
+            raise PlanError(f"fastattn_threshold={t!r}: a number >= 0 (the relative error allowed per step; "
+                            f"0 = full attention everywhere), e.g. 0.05")
+        if isinstance(w, bool) or not isinstance(w, (int, float)) or not (0 < w <= 1):
+            raise PlanError(f"fastattn_window={w!r}: the share of the sequence the window covers, in (0, 1], "
+                            f"e.g. 0.125 (xDiT's --window_size counts tokens; here it is a fraction)")
+        if not _is_int(n) or n < 1:
+            raise PlanError(f"fastattn_calib={n!r}: the number of calibration inputs, an int >= 1")
+        if not self.fastattn:
+            changed = [f"{name}={getattr(self, name)!r}" for name in _FASTATTN_FIELDS
+                       if getattr(self, name) != _DEFAULTS[name]]
+            if changed:
+                raise PlanError(f"{', '.join(changed)} only matter(s) to DiTFastAttn, which is off: set "
+                                f"fastattn=True (calibrate) or fastattn='plan.json', or drop them")
+        if self.fastattn and self.cuda_graphs:
+            raise PlanError("fastattn with cuda_graphs=True: DiTFastAttn runs other kernels at each step, which one "
+                            "recorded graph cannot replay; set cuda_graphs=False")
 
     def _suggest_one_degree(self, world_size, heads, num_blocks) -> str | None:
         """A single degree change that makes the product ``world_size`` and fits the model."""
@@ -348,6 +376,8 @@ class Plan:
 _FIELDS = dataclasses.fields(Plan)
 _FIELD_NAMES = tuple(f.name for f in _FIELDS)
 _BOOL_FIELDS = tuple(f.name for f in _FIELDS if f.type == "bool")  # on/off switches: True or False only
+_FASTATTN_FIELDS = ("fastattn_threshold", "fastattn_window", "fastattn_calib")
+_DEFAULTS = {f.name: f.default for f in _FIELDS}
 
 
 def _is_int(x) -> bool:
@@ -412,6 +442,16 @@ def _parse_value(key, value):
             raise PlanError(f"{key}={value!r}: expected an int") from None
     if key == "fastattn":
         return {"none": None, "false": False, "true": True}.get(lowered, value)
+    if key in ("fastattn_threshold", "fastattn_window"):
+        try:
+            return float(value)
+        except ValueError:
+            raise PlanError(f"{key}={value!r}: expected a number") from None
+    if key == "fastattn_calib":
+        try:
+            return int(value)
+        except ValueError:
+            raise PlanError(f"{key}={value!r}: expected an int") from None
     if key in _BOOL_FIELDS:
         if lowered not in ("true", "false", "1", "0"):
             raise PlanError(f"{key}={value!r}: expected true or false")

@@ -12,12 +12,19 @@ Transformer order, and why:
 3. sequence_parallel: before every pass that adds or moves nodes, because it works from the analysis
    of the graph as captured (node by node), and every later pass (PipeFusion's stage cut,
    DiTFastAttn's caches, the compile backend) must see the sharded shapes and its collectives.
-4. fuse_projections: merges the linears of one block that read one input (q/k/v) into one matmul;
+4. pipefusion: copies the graph as it is now into the patch graph (the sequence-parallel rewrite with
+   the patch index for the rank, `passes/pipefusion.py`) and cuts both into stages; it changes no node
+   of the full graph, only the site entries (``patch``), so the passes after it see the full graph.
+   The patch graph gets none of the later passes (fuse_projections, overlap, tidy).
+4b. fastattn: DiTFastAttn. After sequence_parallel, whose site entries (``seq``) and global lengths it
+   reads to decide what each site may use (the window needs the whole sequence: local or Ulysses); it
+   sets only the entries' ``fast`` and changes no node, so the passes after it are unaffected.
+5. fuse_projections: merges the linears of one block that read one input (q/k/v) into one matmul;
    the split it adds is along features, so sharded token dims are untouched.
-5. overlap: moves each block's work that its attention does not need to after the start of the
+6. overlap: moves each block's work that its attention does not need to after the start of the
    Ulysses all-to-all (``ditpass::ulysses_send``), so it runs while q/k/v travel. After the passes
    that add or merge nodes, so it orders the final nodes.
-6. tidy: last, drops no-op nodes (asserts, same-dtype ``.to()``, p=0 dropout) that cost host time
+7. tidy: last, drops no-op nodes (asserts, same-dtype ``.to()``, p=0 dropout) that cost host time
    when the graph runs eagerly; after the analysis-driven passes, which name nodes it might drop.
 
 The VAE has no passes yet (the parallel VAE is a later pass): its list is empty.
@@ -31,8 +38,10 @@ from ditpass.pass_base import GraphPass
 
 from .attention_sites import AttentionSites
 from .batch_parallel import BatchParallel
+from .fastattn import FastAttn
 from .fuse_projections import FuseProjections
 from .overlap import Overlap
+from .pipefusion import PipeFusion
 from .sequence_parallel import SequenceParallel
 from .tidy import Tidy
 
@@ -55,12 +64,17 @@ class _Skipped(GraphPass):
 
 def check_built(plan) -> None:
     """Raise `PlanError` for plan fields whose pass does not exist yet (the one place that refuses them)."""
-    if plan.pipefusion > 1:
+    if plan.pipefusion > 1 and plan.sp > 1:
         raise PlanError(
-            f"pipefusion={plan.pipefusion}: PipeFusion is not built yet: set pipefusion=1 (and drop "
-            f"patches); split the sequence with ulysses/ring and the batch with cfg/dp instead")
-    if plan.fastattn:
-        raise PlanError(f"fastattn={plan.fastattn!r}: DiTFastAttn is not built yet: leave fastattn unset")
+            f"pipefusion={plan.pipefusion} with ulysses={plan.ulysses}, ring={plan.ring}: the PipeFusion x "
+            f"sequence-parallel hybrid is not built yet; combine pipefusion with cfg / dp, or use "
+            f"ulysses / ring alone")
+    if plan.pipefusion > 1 and plan.cuda_graphs:
+        raise PlanError("pipefusion with cuda_graphs=True is not built yet (the stages send from Python): "
+                        "set cuda_graphs=False")
+    if plan.pipefusion > 1 and plan.fastattn:
+        raise PlanError(f"pipefusion={plan.pipefusion} with fastattn={plan.fastattn!r} is not built yet: "
+                        f"use one of them")
     if plan.overrides:
         raise PlanError(
             f"overrides={plan.overrides!r}: per-module overrides are validated, but no pass applies them yet; "
@@ -77,7 +91,7 @@ def passes_for(component: str, plan) -> list[GraphPass]:
         return []
     if component != "transformer":
         raise ValueError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
-    passes = [AttentionSites(), BatchParallel(), SequenceParallel(), FuseProjections(), Overlap(), Tidy()]
+    passes = [AttentionSites(), BatchParallel(), SequenceParallel(), PipeFusion(), FastAttn(), FuseProjections(), Overlap(), Tidy()]
     skip = {s.strip() for s in os.environ.get("DITPASS_SKIP_PASSES", "").split(",") if s.strip()}
     unknown = skip - {p.name for p in passes}
     if unknown:

@@ -47,5 +47,3 @@ def test_fields_without_a_pass_are_clear_errors():
     model = torch.nn.Linear(2, 2)
     with pytest.raises(PlanError, match="overrides are validated, but no pass applies them"):
         ditpass.parallelize(model, ditpass.Plan(overrides=(("*", {"attention": "math"}),)))
-    with pytest.raises(PlanError, match="DiTFastAttn is not built yet"):
-        ditpass.parallelize(model, ditpass.Plan(fastattn=True))

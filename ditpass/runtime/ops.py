@@ -1,6 +1,7 @@
 """The operations passes insert: ``torch.ops.ditpass.*`` custom ops, each with a fake implementation.
 
     shard(x, dim, lengths, n, p)            this rank's chunks of every segment of x along dim
+    patch_shard(x, dim, lengths, n, index)  PipeFusion: the same for the patch that ``index`` names
     gather(x, dim, lengths, n, group)       the full tensor again (all-gather, padding dropped)
     ulysses_send(q, k, v, u, group)         start the Ulysses all-to-all of q/k/v (not waited)
     attention(q, k, v, site, ...)           one attention site, run as its `SiteStrategy` says
@@ -25,9 +26,9 @@ from typing import Optional, Sequence
 
 import torch
 
-from . import seq, sites
+from . import fastattn, patches, seq, sites
 
-__all__ = ["shard", "gather", "ulysses_send", "attention", "cache_write", "OPS"]
+__all__ = ["shard", "patch_shard", "gather", "ulysses_send", "attention", "cache_write", "OPS"]
 
 
 def _local(x: torch.Tensor, dim: int, size) -> torch.Tensor:
@@ -44,6 +45,18 @@ def shard(x: torch.Tensor, dim: int, lengths: Sequence[int], n: int, p: int) -> 
 
 @shard.register_fake
 def _(x, dim, lengths, n, p):
+    return _local(x, dim, seq.local_len(list(lengths), n))
+
+
+@torch.library.custom_op("ditpass::patch_shard", mutates_args=())
+def patch_shard(x: torch.Tensor, dim: int, lengths: Sequence[int], n: int, index: torch.Tensor) -> torch.Tensor:
+    """PipeFusion: `shard` with the patch index read from ``index`` (a 0-dim CPU int64 tensor the
+    pipeline driver sets before each patch), so one graph computes every patch."""
+    return seq.shard(x, dim, list(lengths), n, int(index)).contiguous()
+
+
+@patch_shard.register_fake
+def _(x, dim, lengths, n, index):
     return _local(x, dim, seq.local_len(list(lengths), n))
 
 
@@ -87,13 +100,18 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: torch.Ten
               attn_mask: Optional[torch.Tensor] = None, sent: Optional[torch.Tensor] = None,
               lengths: Optional[Sequence[int]] = None, dropout_p: float = 0.0, is_causal: bool = False,
               scale: Optional[float] = None, enable_gqa: bool = False) -> torch.Tensor:
-    """Attention at one site: local SDPA, or sequence-parallel as the site's entry says.
+    """Attention at one site: local SDPA, or sequence-parallel, or DiTFastAttn, as the site's entry says.
 
     ``site``: a 0-dim CPU int64 tensor, the id in `ditpass.runtime.sites`. ``lengths``: the global
     segment lengths of a sharded sequence; ``sent``: `ulysses_send`'s result where the graph started
     the all-to-all earlier. The other arguments are SDPA's."""
     s = sites.lookup(int(site))
-    if s.seq is None:
+    if s.patch is not None:  # PipeFusion: this patch against the site's full-sequence K/V buffer
+        out = patches.patch_attention(q, k, v, scale, list(lengths or ()), s.patch, s.site, mask=attn_mask)
+    elif s.fast is not None:  # DiTFastAttn: this step's method (full, window + residual, shared)
+        out = fastattn.attend(s, q, k, v, attn_mask, sent, list(lengths or ()), dropout_p, is_causal, scale,
+                              enable_gqa)
+    elif s.seq is None:
         out = torch.nn.functional.scaled_dot_product_attention(
             q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
             enable_gqa=enable_gqa)
@@ -124,4 +142,4 @@ def _(buf, value):
 
 # op targets by name, for passes and explain that match nodes (``node.target is OPS["attention"]``)
 OPS = {name: getattr(torch.ops.ditpass, name).default
-       for name in ("shard", "gather", "ulysses_send", "attention", "cache_write")}
+       for name in ("shard", "patch_shard", "gather", "ulysses_send", "attention", "cache_write")}

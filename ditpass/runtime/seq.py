@@ -231,7 +231,7 @@ def ulysses_send(q, k, v, u: int, ulysses_group: str):
     return _c10d.all_to_all_single(qkv.contiguous(), splits, splits, ulysses_group)
 
 
-def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None):
+def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None, local=None):
     """Exact attention over a sequence sharded on dim 2 of ``q, k, v`` ([B, H, S, D]) as strategy ``s``
     (`ditpass.runtime.sites.SeqAttention`: degrees, this rank's coordinates, group names) says.
 
@@ -239,6 +239,10 @@ def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None):
     result when the graph started it earlier); padded heads are dropped after. Ring (``s.r > 1``): K/V
     of the ``r`` ring ranks are exchanged and the partial results merged by log-sum-exp. Both: USP on
     a 2-D mesh.
+
+    ``local(q, k, v, mask, lengths, n, srcs)``, where given (DiTFastAttn, `ditpass.runtime.fastattn`), replaces
+    the attention of the gathered sequence when ``r == 1``: q with its pad slots, k/v compacted, in the layout
+    of the ranks ``srcs``.
     """
     u, r, n = s.u, s.r, s.n
     B, H, S, D = q.shape
@@ -255,8 +259,11 @@ def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None):
     if r == 1:
         srcs = [s.ring_rank * u + i for i in uly_ranks]
         m = None if mask is None else _mask_for(mask, rows, _positions(lengths, n, srcs, True, q.device))
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), attn_mask=m, scale=scale)
+        if local is not None:
+            out = local(q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), m, lengths, n, srcs)
+        else:
+            out = torch.nn.functional.scaled_dot_product_attention(
+                q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), attn_mask=m, scale=scale)
     else:
         kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)])  # [2, B, u*S, h, D], token-major
         kv = all_gather(kv, r, s.ring_group)

@@ -16,6 +16,10 @@ from __future__ import annotations
 import dataclasses
 import itertools
 from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .fastattn import FastAttnSite
 
 __all__ = ["SeqAttention", "SiteStrategy", "SiteTable", "lookup"]
 
@@ -49,11 +53,15 @@ class SiteStrategy:
     kind: str  # the analysis' kind: self, joint, cross, ...
     module: str  # module path, e.g. "transformer_blocks.3.attn"
     seq: SeqAttention | None = None
+    patch: Any = None  # PipeFusion: a `ditpass.runtime.patches.PatchAttention` (patch index, K/V buffers)
     notes: tuple[str, ...] = ()  # why it runs as it does, one phrase per pass that decided
+    fast: FastAttnSite | None = None  # DiTFastAttn's method per step (`ditpass.runtime.fastattn`); None: off
 
     def describe(self) -> str:
         """``joint: ulysses`` / ``cross: local (K/V replicated, no communication)``."""
-        mode = self.seq.mode if self.seq is not None else "local"
+        mode = self.seq.mode if self.seq is not None else ("local" if self.patch is None else self.patch.describe())
+        if self.fast is not None:
+            mode += f", {self.fast.describe()}"
         return f"{self.kind}: {mode}" + (f" ({'; '.join(self.notes)})" if self.notes else "")
 
 

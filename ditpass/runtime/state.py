@@ -27,6 +27,13 @@ class RunState:
         self.calls = 0  # transformer calls in this generation
         self.step = 0  # scheduler steps taken in this generation
         self.buffers: dict[str, torch.Tensor] = {}
+        # True once a pipeline hook counts scheduler steps in `step`; else a call is a step
+        self.steps_counted = False
+
+    @property
+    def step_index(self) -> int:
+        """The diffusion step under way: scheduler steps where the hook counts them, else calls."""
+        return self.step if self.steps_counted else self.calls
 
     def reset(self) -> None:
         """A new generation: counters to zero, every buffer zeroed in place (its storage kept)."""
@@ -37,17 +44,22 @@ class RunState:
             for buf in self.buffers.values():
                 buf.zero_()
 
-    def buffer(self, name: str, like: torch.Tensor) -> torch.Tensor:
-        """The buffer ``name``, allocated (zeros) like ``like`` on first use; the same tensor after.
+    def buffer(self, name: str, like: torch.Tensor | None = None, *, shape=None, dtype=None,
+               device=None) -> torch.Tensor:
+        """The buffer ``name``, allocated (zeros) like ``like`` (or of ``shape, dtype, device``) on first
+        use; the same tensor after.
 
         A name is one buffer for the model's life (a graph holds it), so a pass names its buffers per
         input signature; asking for a name again with another shape, dtype or device is an error."""
+        if like is not None:
+            shape, dtype, device = like.shape, like.dtype, like.device
+        shape, device = torch.Size(shape), torch.device(device)
         buf = self.buffers.get(name)
         if buf is None:
-            buf = self.buffers[name] = torch.zeros(like.shape, dtype=like.dtype, device=like.device)
-        elif (buf.shape, buf.dtype, buf.device) != (like.shape, like.dtype, like.device):
+            buf = self.buffers[name] = torch.zeros(shape, dtype=dtype, device=device)
+        elif (buf.shape, buf.dtype, buf.device) != (shape, dtype, device):
             raise ValueError(f"run-state buffer {name!r} is {tuple(buf.shape)} {buf.dtype} on {buf.device}, asked for "
-                             f"{tuple(like.shape)} {like.dtype} on {like.device}: name buffers per input signature")
+                             f"{tuple(shape)} {dtype} on {device}: name buffers per input signature")
         return buf
 
     def __repr__(self) -> str:

@@ -40,6 +40,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_pipeline_patch", type=int, default=None, help="PipeFusion patches (not built yet)")
     p.add_argument("--warmup_steps", type=int, default=1, help="PipeFusion warm-up steps (not built yet)")
     p.add_argument("--use_torch_compile", action="store_true", help="Plan(compile='inductor')")
+    p.add_argument("--use_fast_attn", action="store_true",
+                   help="DiTFastAttn: calibrate a compression plan first (saved as fastattn_plan.json in --output_dir)")
+    p.add_argument("--threshold", type=float, default=None, help="DiTFastAttn's error bound (default: Plan's)")
+    p.add_argument("--window_size", type=float, default=None,
+                   help="DiTFastAttn's window, a fraction of the sequence (default: Plan's; not xDiT's tokens)")
+    p.add_argument("--n_calib", type=int, default=None, help="DiTFastAttn's calibration inputs (default: Plan's)")
+    p.add_argument("--fast_attn_plan", default=None, help="DiTFastAttn with a saved plan (JSON): no calibration")
     p.add_argument("--plan", default=None, help="a saved Plan (JSON file) or 'k=v,...'; overrides the degree flags")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
@@ -50,11 +57,21 @@ def plan_from_args(args):
     from ditpass.passes.registry import check_built
     from ditpass.plan import PlanError
 
+    fast = {name: value for name, value in (("fastattn_threshold", args.threshold), ("fastattn_window", args.window_size),
+                                            ("fastattn_calib", args.n_calib)) if value is not None}
+    if args.fast_attn_plan or args.use_fast_attn:
+        fast["fastattn"] = args.fast_attn_plan or True
     try:
         plan = Plan.parse(args.plan) if args.plan else Plan(
             dp=args.data_parallel_degree, cfg=2 if args.use_cfg_parallel else 1, ring=args.ring_degree,
             ulysses=args.ulysses_degree, pipefusion=args.pipefusion_parallel_degree, patches=args.num_pipeline_patch,
             warmup_steps=args.warmup_steps, compile="inductor" if args.use_torch_compile else "eager")
+        if fast:
+            plan = plan.replace(**fast)
+        if isinstance(plan.fastattn, str):
+            from ditpass.runtime.fastattn import load_plan
+
+            load_plan(plan.fastattn)  # a missing or bad file is said now, before any model load
         check_built(plan)  # before any process group or model load: plan fields with no pass yet
     except PlanError as e:
         raise SystemExit(f"ditpass generate: {e}") from None
@@ -101,6 +118,29 @@ def _call_kwargs(pipe, args, device) -> dict:
     return kw
 
 
+_PLAN_FILE = "fastattn_plan.json"
+
+
+def _calibrate(pipe, plan, args, kw) -> float:
+    """DiTFastAttn's calibration run, before the generation: ``n_calib`` inputs (digits: the classes 0, 1, ...;
+    else the prompts, cycled), the generation's steps, guidance and seed; the plan is saved to --output_dir."""
+    from ditpass.runtime.fastattn import calibrate
+
+    os.makedirs(args.output_dir, exist_ok=True)
+    calib = {k: v for k, v in kw.items() if k not in ("prompt", "class_labels", "negative_prompt")}
+    calib["generator"] = torch.Generator(device="cpu").manual_seed(args.seed)
+    if "class_labels" in kw:
+        inputs = list(range(10)) if args.model == "digits" else list(kw["class_labels"])
+    else:
+        inputs = list(args.prompt)
+        if args.negative_prompt is not None and "negative_prompt" in kw:
+            calib["negative_prompt"] = [args.negative_prompt] * plan.fastattn_calib
+    t0 = time.perf_counter()
+    with torch.no_grad():
+        calibrate(pipe, inputs, save=os.path.join(args.output_dir, _PLAN_FILE), **calib)
+    return time.perf_counter() - t0
+
+
 def run(args) -> int:
     import torch.distributed as dist
 
@@ -119,6 +159,11 @@ def run(args) -> int:
         pipe = ditpass.parallelize(pipe, plan)
     kw = _call_kwargs(pipe, args, device)
     steps = kw.get("num_inference_steps") or inspect.signature(pipe.__call__).parameters["num_inference_steps"].default
+    calib_s = None
+    if plan.fastattn is True:
+        pipe.set_progress_bar_config(disable=rank != 0, desc=f"rank 0 of {world}, DiTFastAttn calibration")
+        calib_s = _calibrate(pipe, plan, args, kw)
+        pipe.set_progress_bar_config(disable=rank != 0, desc=f"rank 0 of {world}, {plan}")
     t0 = time.perf_counter()
     with torch.no_grad():
         result = pipe(**kw)
@@ -140,10 +185,13 @@ def run(args) -> int:
         mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device == "cuda" else "n/a (cpu)"
         print(f"{plan} on {world} process(es): {seconds / steps:.3f} s per step, {seconds:.2f} s for {steps} steps, "
               f"peak memory {mem}")
+        if calib_s is not None:
+            print(f"DiTFastAttn: calibrated in {calib_s:.2f} s; plan saved {os.path.join(args.output_dir, _PLAN_FILE)}")
         for path in saved:
             print(f"saved {path}")
         with open(os.path.join(args.output_dir, "last_run.json"), "w") as f:
-            json.dump(dict(plan=plan.to_dict(), world=world, seconds=seconds, steps=steps, files=saved), f, indent=2)
+            json.dump(dict(plan=plan.to_dict(), world=world, seconds=seconds, steps=steps, files=saved,
+                           calibration_seconds=calib_s), f, indent=2)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return 0

@@ -48,11 +48,25 @@ def _tensor_args(node):
 
 
 class _Rewriter:
-    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext):
+    """``patch``: PipeFusion's patch mode (`ditpass.runtime.patches.PatchAttention`): the ``n`` shards are
+    patches computed one after another by this rank, not ranks: only nodes of ``patch_blocks`` are
+    patched (what runs before the blocks stays whole), ``patch_shard`` reads the patch index
+    from ``patch_index`` (a get_attr node of the index tensor), self / joint sites attend against their
+    K/V buffer, outputs stay patches (their global lengths are appended to the outputs, for the driver to
+    assemble them), and an op that needs the whole sequence is an error (no other patch exists yet)."""
+
+    def __init__(self, gm: torch.fx.GraphModule, ctx: PassContext, patch=None, patch_index=None,
+                 patch_blocks=frozenset()):
         self.gm, self.g = gm, gm.graph
         self.an, self.cls = ctx.analysis, ctx.analysis.classes
         pl = ctx.placement
-        self.n, self.p = pl.degree("sp"), pl.coord("sp")  # p: ring-major index among the n sequence ranks
+        self.patch, self.patch_index = patch, patch_index
+        self.patch_blocks = patch_blocks  # patch mode: the blocks that run patch by patch
+        self.patch_outputs: list[tuple[int, int, int]] = []  # (output index, token dim, number of lengths)
+        if patch is not None:
+            self.n, self.p = patch.n, patch_index
+        else:
+            self.n, self.p = pl.degree("sp"), pl.coord("sp")  # p: ring-major index among the n sequence ranks
         self.sp_group = pl.group("sp")
         self.seq = SeqAttention(pl.degrees["ulysses"], pl.degrees["ring"], pl.coords["ulysses"], pl.coords["ring"],
                                 pl.group("ulysses"), pl.group("ring"))
@@ -124,7 +138,8 @@ class _Rewriter:
         segs = self.segs_of(dim_exprs(val)[dim])
         with self.g.inserting_before(at):
             lens = self.lengths(segs, at)
-            s = self.g.call_function(OPS["shard"], (x, dim, lens, self.n, self.p))
+            op = OPS["shard"] if self.patch is None else OPS["patch_shard"]
+            s = self.g.call_function(op, (x, dim, lens, self.n, self.p))
         s.meta["val"] = val
         self.shards.append(s)
         self.layout[s] = Sharded(dim, segs)
@@ -133,6 +148,11 @@ class _Rewriter:
     def gather_node(self, x: torch.fx.Node, at: torch.fx.Node, why: str) -> torch.fx.Node:
         if x in self.gathered:
             return self.gathered[x]
+        if self.patch is not None:
+            raise ValueError(
+                f"PipeFusion cannot run `{at.name}` ({at.target}) in `{module_path(at) or '<root>'}` patch by "
+                f"patch: it needs the whole token sequence ({why}); use sequence parallelism (ulysses/ring) "
+                f"for this model")
         lay = self.layout[x]
         with self.g.inserting_before(at):
             lens = self.lengths(lay.segs, at)
@@ -168,6 +188,18 @@ class _Rewriter:
         self.g.eliminate_dead_code()
 
     def _output(self, node):
+        if self.patch is not None:  # patches stay patches; their global lengths go out too
+            outs, extra = list(node.args[0]), []
+            for i, a in enumerate(outs):
+                lay = self.layout.get(a) if isinstance(a, torch.fx.Node) else None
+                if isinstance(lay, Sharded):
+                    with self.g.inserting_before(node):
+                        lens = self.lengths(lay.segs, node)
+                    self.patch_outputs.append((i, lay.dim, len(lens)))
+                    extra.extend(lens)
+            node.args = (tuple(outs) + tuple(extra),)
+            return
+
         def fix(a):
             if isinstance(a, torch.fx.Node) and isinstance(self.layout.get(a), Sharded):
                 return self.gather_node(a, node, "output")
@@ -217,7 +249,9 @@ class _Rewriter:
         if not sharded:
             # all replicated: shard the result right away when every input token dim can be sliced
             # and the op is token-wise; otherwise stay replicated (cheap ops, creation ops)
-            if out_tok and rules.tokenwise(self, node, None):
+            # (patch mode: only inside blocks; the embeddings before them run whole on every patch)
+            inside = self.patch is None or node.meta.get("ditpass_block") in self.patch_blocks
+            if inside and out_tok and rules.tokenwise(self, node, None):
                 ins = [a for a in args if self._in_token_dim(a) is not None]
                 if ins and all(rules.tokenwise(self, node, a) for a in ins):
                     for a in ins:
@@ -490,6 +524,13 @@ class _Rewriter:
         if qv.shape[1] != kv.shape[1]:
             raise _Fallback("different head counts for q and k")
         st = self.seq
+        if self.patch is not None:  # a mask stays whole (global order): the op picks this patch's rows
+            with self.g.inserting_before(node):
+                kwargs["lengths"] = self.lengths(lq.segs, node)
+            node.kwargs = kwargs
+            self.layout[node] = Sharded(2, lq.segs)
+            self.sites.refine(site.site, note="patch K/V buffer", patch=self.patch)
+            return
         with self.g.inserting_before(node):
             kwargs["lengths"] = self.lengths(lq.segs, node)
             if st.u > 1:  # the all-to-all starts in its own node: the overlap pass may move work after it
