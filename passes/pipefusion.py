@@ -118,12 +118,16 @@ class PipeFusion(GraphPass):
         table = Table(f"stage cut: {N} stages, {M} patches",
                       ["stage", "blocks", "count", "params", "sends", "per full step", "per patch"], rows)
         me = ctx.placement.coord("pipefusion")
-        notes = [f"{N} stages x {M} patches; this rank is stage {me} ({len(cut.blocks[me])} blocks); "
-                 f"{len(sites)} attention sites keep a full-sequence K/V buffer; warm-up steps: {plan.warmup_steps}",
-                 f"the pipeline fills and drains within each transformer call (efficiency {M}/({M}+{N}-1) = "
-                 f"{M / (M + N - 1):.0%} of the ideal); pipelining across steps is not built"]
+        notes = [f"the full graph cut into {N} stages, and a patch graph ({M} patches) made; this rank is stage {me} "
+                 f"({len(cut.blocks[me])} blocks); {len(sites)} attention sites keep a full-sequence K/V buffer; "
+                 f"warm-up steps: {plan.warmup_steps}; the pipeline fills and drains within each transformer call "
+                 f"({M}/({M}+{N}-1) = {M / (M + N - 1):.0%} of the ideal; pipelining across steps is not built)"]
         schedule = _schedule_text(N, M)
-        return PassResult(self.name, False, notes=notes, tables=[table],
+        T = M + N - 1
+        picture = Table(f"patch schedule of one step after warm-up: stage x time slot (p<m>: patch m; "
+                        f"{M}/{T} slots busy per stage)", ["stage", *(str(t) for t in range(T))],
+                        [[s, *(f"p{t - s}" if 0 <= t - s < M else "." for t in range(T))] for s in range(N)])
+        return PassResult(self.name, False, notes=notes, tables=[table, picture],
                           details={"stages": [list(b) for b in cut.blocks], "patches": M,
                                    "params": [sum(cut.costs[b] for b in bs) for bs in cut.blocks],
                                    "sent_bytes": sends, "patch_sites": len(sites),

@@ -37,13 +37,19 @@ def test_generate_one_and_two_processes_same_pictures(tmp_path):
     cfg, out2 = _generate(tmp_path, "cfg", "--use_cfg_parallel", nproc=2)
     assert cfg.returncode == 0, cfg.stderr[-2000:]
     assert "Plan(cfg=2) on 2 process(es)" in cfg.stdout
-    a, b = _images(out1), _images(out2)
-    assert len(a) == len(b) == 2
-    for x, y in zip(a, b):
-        assert x.shape == y.shape and np.abs(x - y).max() <= 1  # PNG rounding of float noise
+    # PipeFusion with warm-up over all 8 steps: two stages, four patches, no stale K/V: the same pictures
+    pf, out3 = _generate(tmp_path, "pf", "--pipefusion_parallel_degree", "2", "--num_pipeline_patch", "4",
+                         "--warmup_steps", "8", nproc=2)
+    assert pf.returncode == 0, pf.stderr[-2000:]
+    assert "Plan(pipefusion=2, patches=4, warmup_steps=8) on 2 process(es)" in pf.stdout
+    a, b, c = _images(out1), _images(out2), _images(out3)
+    assert len(a) == len(b) == len(c) == 2
+    for x, y, z in zip(a, b, c):
+        assert x.shape == y.shape == z.shape and np.abs(x - y).max() <= 1  # PNG rounding of float noise
+        assert np.abs(x - z).max() <= 1
 
 
-def test_pipefusion_flag_says_not_built(tmp_path):
-    proc, _ = _generate(tmp_path, "pf", "--pipefusion_parallel_degree", "2")
+def test_pipefusion_hybrid_with_ulysses_says_not_built(tmp_path):
+    proc, _ = _generate(tmp_path, "pf", "--pipefusion_parallel_degree", "2", "--ulysses_degree", "2")
     assert proc.returncode != 0
-    assert "PipeFusion is not built yet" in proc.stderr + proc.stdout
+    assert "hybrid is not built yet" in proc.stderr + proc.stdout

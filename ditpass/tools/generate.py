@@ -36,9 +36,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--ring_degree", type=int, default=1)
     p.add_argument("--use_cfg_parallel", action="store_true", help="cond and uncond halves on two ranks")
     p.add_argument("--data_parallel_degree", type=int, default=1)
-    p.add_argument("--pipefusion_parallel_degree", type=int, default=1, help="PipeFusion stages (not built yet)")
-    p.add_argument("--num_pipeline_patch", type=int, default=None, help="PipeFusion patches (not built yet)")
-    p.add_argument("--warmup_steps", type=int, default=1, help="PipeFusion warm-up steps (not built yet)")
+    p.add_argument("--pipefusion_parallel_degree", type=int, default=1, help="PipeFusion pipeline stages (blocks split over them)")
+    p.add_argument("--num_pipeline_patch", type=int, default=None, help="PipeFusion patches of the token sequence (default: the stage count)")
+    p.add_argument("--warmup_steps", type=int, default=1, help="PipeFusion steps run whole before the patch pipeline (stale K/V after)")
     p.add_argument("--use_torch_compile", action="store_true", help="Plan(compile='inductor')")
     p.add_argument("--use_fast_attn", action="store_true",
                    help="DiTFastAttn: calibrate a compression plan first (saved as fastattn_plan.json in --output_dir)")
