@@ -61,6 +61,8 @@ class Plan:
     patches: int | None = None
     # diffusion steps run synchronously (no stale K/V) before PipeFusion pipelines; 0 = none
     warmup_steps: int = 1
+    # transformer blocks per PipeFusion stage, in order (e.g. (10, 9)); None = balanced by parameters
+    stage_blocks: tuple[int, ...] | None = None
     # processes in ring attention (sequence split, K/V passed around a ring); 1 = off
     ring: int = 1
     # processes in Ulysses attention (sequence split, all-to-all to split heads); 1 = off
@@ -89,6 +91,8 @@ class Plan:
 
     def __post_init__(self):
         object.__setattr__(self, "overrides", _normalize_overrides(self.overrides))
+        if isinstance(self.stage_blocks, list):
+            object.__setattr__(self, "stage_blocks", tuple(self.stage_blocks))
         if isinstance(self.fastattn, os.PathLike):
             object.__setattr__(self, "fastattn", os.fspath(self.fastattn))
         self._check_fields()
@@ -234,6 +238,14 @@ class Plan:
                     f"patches={self.patches} < pipefusion={self.pipefusion}: every pipeline "
                     f"stage needs a patch in flight, set patches >= {self.pipefusion} (or None)"
                 )
+        if self.stage_blocks is not None:
+            sb = self.stage_blocks
+            if not isinstance(sb, tuple) or not sb or not all(_is_int(b) and b >= 1 for b in sb):
+                raise PlanError(f"stage_blocks={sb!r}: give the blocks of each PipeFusion stage as ints >= 1, "
+                                f"e.g. (10, 9), or None to balance by parameters")
+            if len(sb) != self.pipefusion:
+                raise PlanError(f"stage_blocks={sb!r} lists {len(sb)} stages but pipefusion={self.pipefusion}: "
+                                f"give one count per stage")
         if not _is_int(self.warmup_steps) or self.warmup_steps < 0:
             raise PlanError(
                 f"warmup_steps={self.warmup_steps!r}: must be an int >= 0 (0 = no warm-up)"
@@ -433,6 +445,13 @@ def _dotted_prefixes(path: str) -> list[str]:
 
 def _parse_value(key, value):
     lowered = value.lower()
+    if key == "stage_blocks":  # "10:9" (a colon between the stages' block counts), or none
+        if lowered == "none":
+            return None
+        try:
+            return tuple(int(v) for v in value.split(":"))
+        except ValueError:
+            raise PlanError(f"stage_blocks={value!r}: expected block counts separated by ':', e.g. 10:9") from None
     if key in DEGREES or key in ("patches", "warmup_steps"):
         if key == "patches" and lowered == "none":
             return None

@@ -86,7 +86,7 @@ class PipeFusion(GraphPass):
         main = {s.block for s in ctx.analysis.sites if s.block and s.kind in ("self", "joint")}
         groups = [g for g in ctx.analysis.transformer_blocks if any(b.path in main for b in g.blocks)]
         blocks = {b.path for g in groups for b in g.blocks}
-        cut = StageCut.balanced(gm, N, blocks=blocks)
+        cut = StageCut.balanced(gm, N, sizes=list(plan.stage_blocks) if plan.stage_blocks else None, blocks=blocks)
         # the patch graph ends where the tail starts (the un-patchify needs every patch): it returns what
         # the tail reads, which the last stage assembles and runs the tail on, once
         from ditpass.runtime.pipeline import tail_graph

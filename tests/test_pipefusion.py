@@ -158,6 +158,14 @@ def test_explain_shows_the_stage_cut_and_the_schedule():
     name = "PixArtTransformer2DModel"
     model = zoo.build(name, "tiny").eval()
     captured = ditpass.capture(model, **zoo.make_inputs(name, "tiny"))
-    text = str(explain(dry_run(captured, ditpass.Plan(pipefusion=2, patches=4))))
+    record = dry_run(captured, ditpass.Plan(pipefusion=2, patches=4))
+    text = str(explain(record))
     assert "stage cut: 2 stages, 4 patches" in text
     assert "patch schedule" in text and "p3" in text
+    blocks = sum(len(b) for b in next(r for r in record.results if r.name == "pipefusion").details["stages"])
+    # blocks per stage given by the user instead of the balance
+    record = dry_run(captured, ditpass.Plan(pipefusion=2, stage_blocks=(1, blocks - 1)))
+    stages = next(r for r in record.results if r.name == "pipefusion").details["stages"]
+    assert [len(s) for s in stages] == [1, blocks - 1]
+    with pytest.raises(Exception, match=f"sum to the {blocks} blocks"):
+        dry_run(captured, ditpass.Plan(pipefusion=2, stage_blocks=(1, blocks)))

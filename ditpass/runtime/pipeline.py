@@ -260,12 +260,16 @@ class PipeFusionRunner:
         return outs
 
     def _device(self):
-        for n in self.full.graph.nodes:
-            if n.op == "get_attr":
-                t = operator.attrgetter(n.target)(self.full)
-                if isinstance(t, torch.Tensor) and t.dim() > 0:
-                    return t.device
-        return torch.device("cpu")
+        """Where this stage's weights are (what it receives is put there); found once."""
+        if getattr(self, "_dev", None) is None:
+            self._dev = torch.device("cpu")
+            for n in self.full.graph.nodes:
+                if n.op == "get_attr":
+                    t = operator.attrgetter(n.target)(self.full)
+                    if isinstance(t, torch.Tensor) and t.dim() > 0:
+                        self._dev = t.device
+                        break
+        return self._dev
 
 
 def _resolve(name: str):
