@@ -69,7 +69,8 @@ def build(captured, plan, placement, *, component: str = "transformer", state=No
     if not captured.whole:
         needs = [f for f, on in (("ulysses/ring", plan.sp > 1), ("fuse_projections", plan.fuse_projections),
                                  (f"compile={plan.compile!r}", plan.compile != "eager"),
-                                 ("cuda_graphs", plan.cuda_graphs)) if on]
+                                 ("cuda_graphs", plan.cuda_graphs), ("step_cache", plan.step_cache is not None))
+                 if on]
         if needs:
             raise PlanError(
                 f"{name} could only be captured in pieces ({captured.method}: "
@@ -92,6 +93,12 @@ def build(captured, plan, placement, *, component: str = "transformer", state=No
                                   compile_fn=lambda g: compile_graph(g, plan.compile))
         # this rank keeps its stage's weights only (what its two stage graphs read)
         runner.freed = free_unused(captured.module, runner.graphs)
+    elif backend and "step_cache" in ctx.graphs:
+        from .backend import compile_graph
+        from .runtime.step_cache import StepCacheRunner
+
+        sc = ctx.graphs["step_cache"]  # the head, middle and tail parts, each compiled on its own
+        runner = StepCacheRunner(gm, sc, sc.policy, state, compile_fn=lambda g: compile_graph(g, plan.compile))
     elif backend:
         from .backend import compile_graph
 

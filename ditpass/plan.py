@@ -35,6 +35,7 @@ __all__ = ["Plan", "PlanError", "COMPILE_BACKENDS", "ATTENTION_BACKENDS", "OVERR
 
 COMPILE_BACKENDS = ("eager", "inductor", "nexfort")
 ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+STEP_CACHE_METHODS = ("fbcache", "taylorseer")
 # key -> type its value must have in an override dict
 OVERRIDE_KEYS = {"sequence_parallel": bool, "fastattn": bool, "attention": str}
 # Mesh axes, outer to inner; the order of the degree product everywhere.
@@ -76,6 +77,22 @@ class Plan:
     fastattn_window: float = 0.125
     # DiTFastAttn's calibration inputs (prompts or class labels), each run through the whole denoising loop
     fastattn_calib: int = 4
+    # step caching: None = off, "fbcache" (reuse the middle blocks' residual of the last computed step) or
+    # "taylorseer" (forecast it from the last computed steps); ditpass/runtime/step_cache.py
+    step_cache: str | None = None
+    # the step cache recomputes when the first blocks' residual changed by at least this much (relative L1
+    # against the last computed step, all ranks alike); 0 = every step computed (exact)
+    cache_threshold: float = 0.08
+    # transformer blocks always computed before the cached ones (their residual decides); >= 1
+    cache_first_blocks: int = 1
+    # transformer blocks always computed after the cached ones; 0 = none
+    cache_last_blocks: int = 0
+    # diffusion steps at the start of each generation that always compute; 0 = only the first
+    cache_warmup_steps: int = 1
+    # most consecutive steps that may reuse the cache before one computes again; >= 1
+    cache_max_skip: int = 3
+    # TaylorSeer's forecast order: 0 = the last residual, 1 = linear, 2 = quadratic in the step index
+    cache_order: int = 1
     # graph backend: "eager" (no compile), "inductor" (torch.compile), "nexfort" (onediff's compiler)
     compile: str = "eager"
     # SDPA kernel: "auto" lets torch choose, else "flash", "efficient", "cudnn" or "math"
@@ -182,6 +199,12 @@ class Plan:
                 f"blocks (one stage holds whole blocks) but the model has num_blocks={num_blocks}: "
                 f"set pipefusion to at most {num_blocks}"
             )
+        cached = num_blocks - self.cache_first_blocks - self.cache_last_blocks if num_blocks is not None else 1
+        if self.step_cache is not None and cached < 1:
+            raise PlanError(
+                f"cache_first_blocks={self.cache_first_blocks} + cache_last_blocks={self.cache_last_blocks} leave no "
+                f"block to cache in a model with num_blocks={num_blocks}: keep their sum below {num_blocks}"
+            )
         if world_size is not None:
             if not _is_int(world_size) or world_size < 1:
                 raise PlanError(f"world size must be an int >= 1, got {world_size!r}")
@@ -258,6 +281,7 @@ class Plan:
         if self.fastattn == "":
             raise PlanError("fastattn='': give the path of a saved fastattn plan, True or None")
         self._check_fastattn()
+        self._check_step_cache()
         _check_choice("compile", self.compile, COMPILE_BACKENDS)
         for name in _BOOL_FIELDS:
             if not isinstance(getattr(self, name), bool):
@@ -297,6 +321,35 @@ class Plan:
         if self.fastattn and self.cuda_graphs:
             raise PlanError("fastattn with cuda_graphs=True: DiTFastAttn runs other kernels at each step, which one "
                             "recorded graph cannot replay; set cuda_graphs=False")
+
+    def _check_step_cache(self):
+        if self.step_cache is not None:
+            _check_choice("step_cache", self.step_cache, STEP_CACHE_METHODS)
+        t = self.cache_threshold
+        if isinstance(t, bool) or not isinstance(t, (int, float)) or not (0 <= t < math.inf):
+            raise PlanError(f"cache_threshold={t!r}: a number >= 0 (the relative L1 change of the first blocks' "
+                            f"residual below which a step reuses the cache; 0 = every step computed), e.g. 0.08")
+        for name, low in (("cache_first_blocks", 1), ("cache_last_blocks", 0), ("cache_warmup_steps", 0),
+                          ("cache_max_skip", 1)):
+            value = getattr(self, name)
+            if not _is_int(value) or value < low:
+                raise PlanError(f"{name}={value!r}: must be an int >= {low}")
+        if self.cache_order not in (0, 1, 2) or not _is_int(self.cache_order):
+            raise PlanError(f"cache_order={self.cache_order!r}: TaylorSeer's forecast order, 0, 1 or 2")
+        if self.step_cache is None:
+            changed = [f"{name}={getattr(self, name)!r}" for name in _STEP_CACHE_FIELDS
+                       if getattr(self, name) != _DEFAULTS[name]]
+            if changed:
+                raise PlanError(f"{', '.join(changed)} only matter(s) to the step cache, which is off: set "
+                                f"step_cache='fbcache' or 'taylorseer', or drop them")
+        elif self.step_cache != "taylorseer" and self.cache_order != _DEFAULTS["cache_order"]:
+            raise PlanError(f"cache_order={self.cache_order!r} is TaylorSeer's forecast order; "
+                            f"step_cache={self.step_cache!r} reuses the last residual: set step_cache='taylorseer' "
+                            f"or drop cache_order")
+        if self.step_cache is not None and self.cuda_graphs:
+            raise PlanError("step_cache with cuda_graphs=True: whether a step runs the middle blocks is decided on "
+                            "the host from this step's values, which one recorded graph cannot replay; set "
+                            "cuda_graphs=False")
 
     def _suggest_one_degree(self, world_size, heads, num_blocks) -> str | None:
         """A single degree change that makes the product ``world_size`` and fits the model."""
@@ -389,6 +442,8 @@ _FIELDS = dataclasses.fields(Plan)
 _FIELD_NAMES = tuple(f.name for f in _FIELDS)
 _BOOL_FIELDS = tuple(f.name for f in _FIELDS if f.type == "bool")  # on/off switches: True or False only
 _FASTATTN_FIELDS = ("fastattn_threshold", "fastattn_window", "fastattn_calib")
+_STEP_CACHE_FIELDS = ("cache_threshold", "cache_first_blocks", "cache_last_blocks", "cache_warmup_steps",
+                      "cache_max_skip", "cache_order")
 _DEFAULTS = {f.name: f.default for f in _FIELDS}
 
 
@@ -466,7 +521,14 @@ def _parse_value(key, value):
             return float(value)
         except ValueError:
             raise PlanError(f"{key}={value!r}: expected a number") from None
-    if key == "fastattn_calib":
+    if key == "step_cache":
+        return None if lowered in ("none", "off", "false") else lowered
+    if key == "cache_threshold":
+        try:
+            return float(value)
+        except ValueError:
+            raise PlanError(f"{key}={value!r}: expected a number") from None
+    if key == "fastattn_calib" or key in _STEP_CACHE_FIELDS:
         try:
             return int(value)
         except ValueError:

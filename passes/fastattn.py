@@ -29,6 +29,7 @@ only move or merge nodes. Off when ``Plan.fastattn`` is unset.
 """
 from __future__ import annotations
 
+import sympy
 import torch
 import torch.fx
 
@@ -40,13 +41,21 @@ from ditpass.runtime.ops import OPS
 __all__ = ["FastAttn"]
 
 
-def _hint(x) -> int:
-    """An int at the captured sizes from a size node, a SymInt or an int."""
-    if isinstance(x, torch.fx.Node):
-        x = x.meta.get("val")
+def _shape_env(gm: torch.fx.GraphModule):
+    for node in gm.graph.nodes:
+        val = node.meta.get("val")
+        for s in (val.shape if isinstance(val, torch.Tensor) else ()):
+            if isinstance(s, torch.SymInt):
+                return s.node.shape_env
+    return None
+
+
+def _hint(x, env) -> int:
+    """An int at the captured sizes from a SymInt, a sympy expression of the capture's symbols or an int."""
     if isinstance(x, torch.SymInt):
-        hint = x.node.hint
-        return int(hint if hint is not None else x.node.shape_env.size_hint(x.node.expr))
+        x = x.node.expr
+    if isinstance(x, sympy.Basic) and x.free_symbols:
+        return int(x.xreplace(dict(getattr(env, "backed_var_to_val", None) or env.var_to_val)))
     return int(x)
 
 
@@ -62,30 +71,34 @@ class FastAttn(GraphPass):
         pl = ctx.placement
         batch, cfg = pl.degree("batch"), pl.degree("cfg")
         nodes = [n for n in gm.graph.nodes if n.target is OPS["attention"]]
+        sites = [ctx.sites[int(getattr(gm, n.args[3].target))] for n in nodes]  # args[3]: the site id's get_attr
         keys, seen = [], {}
-        for node in nodes:
-            module = ctx.sites[int(getattr(gm, node.args[3].target))].module or node.name
+        for node, entry in zip(nodes, sites):
+            module = entry.module or node.name
             seen[module] = seen.get(module, 0) + 1
             keys.append(module if seen[module] == 1 else f"{module}#{seen[module] - 1}")
+        notes = []
         if run.plan is not None:
-            known = [k for k in keys if k in run.plan]
-            if keys and not known:
+            unknown = [k for k in keys if k not in run.plan]
+            if keys and len(unknown) == len(keys):
                 raise PlanError(f"fastattn={ctx.plan.fastattn!r}: the saved plan names sites "
                                 f"{sorted(run.plan)[:3]}..., none of this model's ({keys[:3]}...): a plan of another "
                                 f"model; calibrate this one (fastattn=True)")
-        entries, notes = [], []
-        for i, (node, key) in enumerate(zip(nodes, keys)):
-            entry = ctx.sites[int(getattr(gm, node.args[3].target))]
+            if unknown:
+                notes.append(f"{len(unknown)} of {len(keys)} sites are not in the saved plan and run full attention: "
+                             f"{', '.join(unknown[:3])}{' ...' if len(unknown) > 3 else ''}")
+        captured = {s.node: s for s in ctx.analysis.sites}  # the shapes before sequence parallel: global
+        env = _shape_env(gm)
+        entries = []
+        for i, (node, entry, key) in enumerate(zip(nodes, sites, keys)):
             methods, why = self._methods(node, entry, pl)
-            q, k = (a.meta["val"] for a in node.args[:2])
-            lengths = node.kwargs.get("lengths")
-            Sq = sum(_hint(x) for x in lengths) if lengths else _hint(q.shape[2])
-            Sk = Sq if lengths and entry.kind in ("self", "joint") else _hint(k.shape[2])
-            geometry = (_hint(q.shape[0]) * batch, _hint(q.shape[1]), Sq, Sk, _hint(q.shape[3]))
-            site = fa.FastAttnSite(key, i, len(nodes), run.window, methods, geometry,
+            found = captured.get(entry.node)
+            q, k = (found.q_shape, found.k_shape) if found is not None else (a.meta["val"].shape for a in node.args[:2])
+            geometry = (_hint(q[0], env) * batch, *(_hint(x, env) for x in (q[1], q[-2], k[-2], q[-1])))
+            fast = fa.FastAttnSite(key, i, len(nodes), run.window, methods, geometry,
                                    cfg_group=pl.group("cfg") if cfg > 1 and "asc" in methods else "",
                                    cfg_rank=pl.coord("cfg"), run=run)
-            entries.append(ctx.sites.refine(entry.site, note=why, fast=site))
+            entries.append(ctx.sites.refine(entry.site, note=why, fast=fast))
         run.register(keys, {e.fast.key: e.fast.methods for e in entries})
         notes.append(f"window: {run.window:g} of each sequence (WA-RS); "
                      + (f"plan loaded from {run.source}" if run.source != "calibrate" else
@@ -115,7 +128,7 @@ class FastAttn(GraphPass):
         if kw.get("dropout_p", 0.0) or kw.get("is_causal") or kw.get("enable_gqa"):
             return (), "fastattn off: SDPA with dropout, a causal flag or grouped-query heads"
         ring = pl.degree("ring") > 1
-        wars = entry.kind in ("self", "joint") and kw.get("attn_mask") is None and not ring
+        wars = entry.kind in ("self", "joint", "text") and kw.get("attn_mask") is None and not ring
         if pl.degree("cfg") > 1:
             asc = True
         else:
@@ -128,7 +141,7 @@ class FastAttn(GraphPass):
                                            else f"{entry.kind} attention") + ")")
         if not asc:
             missing.append("no ASC")
-        return methods, ("fastattn: " + ", ".join(missing)) if missing and entry.kind in ("self", "joint") else None
+        return methods, ("fastattn: " + ", ".join(missing)) if missing and entry.kind in ("self", "joint", "text") else None
 
     @staticmethod
     def _fill(result: PassResult, entries, run, notes: list[str]) -> None:

@@ -60,9 +60,9 @@ class PipeFusion(GraphPass):
 
     def requires(self, gm, ctx):
         plan = ctx.plan
-        if plan.sp > 1:
-            raise ValueError(f"pipefusion={plan.pipefusion} with ulysses={plan.ulysses}, ring={plan.ring}: the hybrid "
-                             f"is not built yet; use pipefusion with cfg / dp, or sequence parallelism alone")
+        if plan.ring > 1:
+            raise ValueError(f"pipefusion={plan.pipefusion} with ring={plan.ring}: the hybrid with ring attention "
+                             f"is not built yet; use ulysses inside the stages, or ring alone")
         if plan.cuda_graphs:
             raise ValueError("pipefusion with cuda_graphs=True is not built yet (the driver sends between "
                              "stages from Python): set cuda_graphs=False")
@@ -75,7 +75,9 @@ class PipeFusion(GraphPass):
 
         plan = ctx.plan
         M, N = plan.num_patches, plan.pipefusion
-        patch = PatchAttention(M, ctx.state)
+        pl = ctx.placement
+        patch = PatchAttention(M, ctx.state, u=plan.ulysses, ulysses_rank=pl.coords["ulysses"],
+                               ulysses_group=pl.group("ulysses"))
         pgm = copy_graph_module(gm)
         pgm.register_buffer("pipefusion_patch", patch.index, persistent=False)
         first = next(n for n in pgm.graph.nodes if n.op != "placeholder")

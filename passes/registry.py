@@ -9,13 +9,15 @@ Transformer order, and why:
    in the site table instead of rewriting the node: the sites must exist before them.
 2. batch_parallel: CFG / data parallel. It changes no node (the batch is split around the graph, which
    is captured at this rank's rows); listed so that explain reports it with the others.
-3. sequence_parallel: before every pass that adds or moves nodes, because it works from the analysis
-   of the graph as captured (node by node), and every later pass (PipeFusion's stage cut,
-   DiTFastAttn's caches, the compile backend) must see the sharded shapes and its collectives.
-4. pipefusion: copies the graph as it is now into the patch graph (the sequence-parallel rewrite with
-   the patch index for the rank, `passes/pipefusion.py`) and cuts both into stages; it changes no node
-   of the full graph, only the site entries (``patch``), so the passes after it see the full graph.
-   The patch graph gets none of the later passes (fuse_projections, overlap, tidy).
+3. pipefusion: before sequence_parallel, because it copies the graph as captured into the patch graph
+   (the sequence-parallel rewriter with patches x Ulysses ranks as the chunks, `passes/pipefusion.py`)
+   and makes the tail graph and the stage cut from it; it changes no node of the full graph, only the
+   site entries (``patch``), so the passes after it see the full graph. The patch graph gets none of the
+   later passes (fuse_projections, overlap, tidy).
+4. sequence_parallel: before every pass that adds or moves nodes, because it works from the analysis
+   of the graph as captured (node by node), and every later pass (DiTFastAttn's caches, the compile
+   backend) must see the sharded shapes and its collectives. Under pipefusion it shards the full
+   (warm-up) graph.
 4b. fastattn: DiTFastAttn. After sequence_parallel, whose site entries (``seq``) and global lengths it
    reads to decide what each site may use (the window needs the whole sequence: local or Ulysses); it
    sets only the entries' ``fast`` and changes no node, so the passes after it are unaffected.
@@ -24,8 +26,11 @@ Transformer order, and why:
 6. overlap: moves each block's work that its attention does not need to after the start of the
    Ulysses all-to-all (``ditpass::ulysses_send``), so it runs while q/k/v travel. After the passes
    that add or merge nodes, so it orders the final nodes.
-7. tidy: last, drops no-op nodes (asserts, same-dtype ``.to()``, p=0 dropout) that cost host time
+7. tidy: drops no-op nodes (asserts, same-dtype ``.to()``, p=0 dropout) that cost host time
    when the graph runs eagerly; after the analysis-driven passes, which name nodes it might drop.
+8. step_cache: last, because it changes no node: it cuts the final graph (every pass's rewrite, the
+   sequence-parallel collectives included) into head / middle / tail parts that the step-cache runner
+   runs, so the parts get everything the passes before it did.
 
 The VAE has no passes yet (the parallel VAE is a later pass): its list is empty.
 """
@@ -43,6 +48,7 @@ from .fuse_projections import FuseProjections
 from .overlap import Overlap
 from .pipefusion import PipeFusion
 from .sequence_parallel import SequenceParallel
+from .step_cache import StepCache
 from .tidy import Tidy
 
 __all__ = ["passes_for", "check_built", "COMPONENTS"]
@@ -64,17 +70,20 @@ class _Skipped(GraphPass):
 
 def check_built(plan) -> None:
     """Raise `PlanError` for plan fields whose pass does not exist yet (the one place that refuses them)."""
-    if plan.pipefusion > 1 and plan.sp > 1:
+    if plan.pipefusion > 1 and plan.ring > 1:
         raise PlanError(
-            f"pipefusion={plan.pipefusion} with ulysses={plan.ulysses}, ring={plan.ring}: the PipeFusion x "
-            f"sequence-parallel hybrid is not built yet; combine pipefusion with cfg / dp, or use "
-            f"ulysses / ring alone")
+            f"pipefusion={plan.pipefusion} with ring={plan.ring}: the PipeFusion x ring-attention hybrid is not "
+            f"built yet; split each stage's patches with ulysses instead (pipefusion x ulysses works), or use "
+            f"ring alone")
     if plan.pipefusion > 1 and plan.cuda_graphs:
         raise PlanError("pipefusion with cuda_graphs=True is not built yet (the stages send from Python): "
                         "set cuda_graphs=False")
     if plan.pipefusion > 1 and plan.fastattn:
         raise PlanError(f"pipefusion={plan.pipefusion} with fastattn={plan.fastattn!r} is not built yet: "
                         f"use one of them")
+    if plan.step_cache is not None and plan.pipefusion > 1:
+        raise PlanError(f"step_cache={plan.step_cache!r} with pipefusion={plan.pipefusion} is not built (the cache "
+                        f"would have to skip a pipeline stage on every rank at once): use one of them")
     if plan.overrides:
         raise PlanError(
             f"overrides={plan.overrides!r}: per-module overrides are validated, but no pass applies them yet; "
@@ -91,7 +100,8 @@ def passes_for(component: str, plan) -> list[GraphPass]:
         return []
     if component != "transformer":
         raise ValueError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
-    passes = [AttentionSites(), BatchParallel(), SequenceParallel(), PipeFusion(), FastAttn(), FuseProjections(), Overlap(), Tidy()]
+    passes = [AttentionSites(), BatchParallel(), PipeFusion(), SequenceParallel(), FastAttn(), FuseProjections(), Overlap(), Tidy(),
+              StepCache()]
     skip = {s.strip() for s in os.environ.get("DITPASS_SKIP_PASSES", "").split(",") if s.strip()}
     unknown = skip - {p.name for p in passes}
     if unknown:

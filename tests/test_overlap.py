@@ -57,9 +57,9 @@ def test_skip_passes_names_must_exist(monkeypatch):
 
     monkeypatch.setenv("DITPASS_SKIP_PASSES", "overlap,tidy")
     passes = passes_for("transformer", ditpass.Plan())
-    assert [p.name for p in passes] == ["attention_sites", "batch_parallel", "sequence_parallel", "pipefusion",
-                                        "fastattn", "fuse_projections", "overlap", "tidy"]
-    assert [p.enabled(None) for p in passes[6:]] == [False, False]
+    assert [p.name for p in passes] == ["attention_sites", "batch_parallel", "pipefusion", "sequence_parallel",
+                                        "fastattn", "fuse_projections", "overlap", "tidy", "step_cache"]
+    assert [p.enabled(None) for p in passes[6:8]] == [False, False]
     monkeypatch.setenv("DITPASS_SKIP_PASSES", "overlapp")
     with pytest.raises(ValueError, match="unknown passes"):
         passes_for("transformer", ditpass.Plan())

@@ -13,6 +13,7 @@ from ditpass.analysis.stages import split_balanced
 from ditpass.errors import PlanError
 from ditpass.models import zoo
 from ditpass.runtime.patches import PatchAttention, assemble, patch_attention, patch_of
+from ditpass.runtime.sites import SiteStrategy
 
 from dist_utils import run_forked
 
@@ -44,14 +45,16 @@ def test_patch_attention_against_a_direct_computation():
     S = sum(lengths)
     q0, k0, v0 = (torch.randn(B, H, S, D) for _ in range(3))
     pa = PatchAttention(n)
-    out = patch_attention(q0, k0, v0, None, [], pa, site=-1)
+    site = SiteStrategy(-1, "sdpa", "self", "blocks.0.attn")
+    out = patch_attention(q0, k0, v0, None, [], pa, site)
     assert torch.equal(out, F.scaled_dot_product_attention(q0, k0, v0))
     q1, k1, v1 = (torch.randn(B, H, S, D) for _ in range(3))  # the next step's values
     kk, vv = k0.clone(), v0.clone()
+    pa.mode = "patch"
     for p in range(n):
         pa.index.fill_(p)
         local = [patch_of(t, 2, lengths, n, p) for t in (q1, k1, v1)]
-        got = patch_attention(*local, None, lengths, pa, site=-1)
+        got = patch_attention(*local, None, lengths, pa, site)
         # reference: patches 0..p hold step 1's K/V, the rest step 0's
         own = torch.zeros(S, dtype=torch.bool)
         own[patch_of(torch.arange(S), 0, lengths, n, p)] = True
@@ -60,10 +63,10 @@ def test_patch_attention_against_a_direct_computation():
         torch.testing.assert_close(got, want, rtol=1e-5, atol=1e-6)
     # a first step without warm-up: patch 0 sees only its own keys
     fresh = PatchAttention(n)
-    fresh.partial = True
+    fresh.partial, fresh.mode = True, "patch"
     local = [patch_of(t, 2, lengths, n, 0) for t in (q1, k1, v1)]
     keys = [patch_of(t, 2, lengths, n, 0)[:, :, [0, 1, 2, 3, 4, 5]] for t in (k1, v1)]  # 2 + 4 real tokens
-    got = patch_attention(*local, None, lengths, fresh, site=-1)
+    got = patch_attention(*local, None, lengths, fresh, site)
     torch.testing.assert_close(got, F.scaled_dot_product_attention(local[0], *keys), rtol=1e-5, atol=1e-6)
 
 
@@ -101,6 +104,34 @@ def test_zoo_exact_and_each_rank_runs_its_stage(name):
         assert kept < total  # the other stage's weights are gone
     # every weight is kept somewhere; only glue both stages need (embeddings) is kept twice
     assert results[0][5] + results[1][5] >= results[0][6]
+
+
+def _calls(rank, world, model, inputs, ref, fields):
+    pm = ditpass.parallelize(model, ditpass.Plan(**fields))
+    with torch.no_grad():
+        outs = [pm(**inputs)[0] for _ in range(3)]
+    return [float((o - ref).abs().max()) for o in outs], outs, pm.ditpass_records[0].runner.last_mode
+
+
+def test_pipefusion_times_ulysses_equals_pipefusion_alone():
+    """pipefusion=2 x ulysses=2 on 4 ranks: each patch split over the two Ulysses ranks of its stage. Without
+    warm-up (the first step attends to the patches computed so far, later ones to stale K/V) it gives the
+    same outputs as pipefusion=2 on 2 ranks, call by call; with one warm-up step the first call is exact."""
+    model = zoo.build("FluxTransformer2DModel", "tiny").eval()
+    inputs = zoo.make_inputs("FluxTransformer2DModel", "tiny")  # 16 text + 64 image tokens: 4 chunks each
+    _, alone = run_forked(_calls, 2, model, inputs, dict(pipefusion=2, patches=2, warmup_steps=0), timeout=300)
+    _, hybrid = run_forked(_calls, 4, model, inputs, dict(pipefusion=2, ulysses=2, patches=2, warmup_steps=0),
+                           timeout=300)
+    diffs, ref_outs, mode = alone[0]
+    assert mode == "patches" and diffs[0] > 1e-2  # stale / partial K/V were used: not the exact output
+    for _, outs, mode in hybrid:
+        assert mode == "patches"
+        for a, b in zip(ref_outs, outs):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    _, warm = run_forked(_calls, 4, model, inputs, dict(pipefusion=2, ulysses=2, patches=2, warmup_steps=1),
+                         timeout=300)
+    for diffs, _, mode in warm:
+        assert max(diffs) <= 1e-4  # call 0 exact; calls 1-2 patch by patch with K/V equal to fresh ones
 
 
 def _digits_worker(rank, world, fields, labels):
@@ -143,8 +174,8 @@ def test_unsupported_plans_and_models_say_why():
 
     from ditpass.passes.registry import check_built
 
-    with pytest.raises(PlanError, match="hybrid is not built"):
-        check_built(ditpass.Plan(pipefusion=2, ulysses=2))
+    with pytest.raises(PlanError, match="ring-attention hybrid is not built"):
+        check_built(ditpass.Plan(pipefusion=2, ring=2))
     name = "CogVideoXTransformer3DModel"  # splits the token sequence inside attention
     model = zoo.build(name, "tiny").eval()
     captured = ditpass.capture(model, **zoo.make_inputs(name, "tiny"))

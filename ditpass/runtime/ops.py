@@ -107,7 +107,7 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: torch.Ten
     the all-to-all earlier. The other arguments are SDPA's."""
     s = sites.lookup(int(site))
     if s.patch is not None:  # PipeFusion: this patch against the site's full-sequence K/V buffer
-        out = patches.patch_attention(q, k, v, scale, list(lengths or ()), s.patch, s.site, mask=attn_mask)
+        out = patches.patch_attention(q, k, v, scale, list(lengths or ()), s.patch, s, mask=attn_mask, sent=sent)
     elif s.fast is not None:  # DiTFastAttn: this step's method (full, window + residual, shared)
         out = fastattn.attend(s, q, k, v, attn_mask, sent, list(lengths or ()), dropout_p, is_causal, scale,
                               enable_gqa)

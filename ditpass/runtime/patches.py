@@ -30,22 +30,35 @@ __all__ = ["PatchAttention", "patch_attention", "assemble", "patch_of"]
 class PatchAttention:
     """What a patch-mode attention site needs at run time; one object shared by the sites of a graph.
 
-    ``index``: the patch being computed (set by the driver); ``partial``: the K/V of later patches are
-    not there yet (first step without warm-up); ``state``: the `RunState` holding the buffers (None in
-    a dry run or a unit test: buffers then live here)."""
+    ``n``: patches; ``u``, ``ulysses_rank``, ``ulysses_group``: the Ulysses split inside each patch (the
+    hybrid; ``u = 1`` without it). The sequence is cut into ``n * u`` chunks: patch ``m`` is chunks
+    ``m*u .. m*u + u - 1``, one per Ulysses rank. ``index``: the chunk this rank computes now (``m * u +
+    ulysses_rank``, set by the driver); ``mode``: ``"full"`` (a warm-up step: the whole sequence) or
+    ``"patch"``; ``partial``: the K/V of later patches are not there yet (first step without warm-up);
+    ``state``: the `RunState` holding the buffers (None in a dry run or a unit test: buffers live here)."""
 
-    def __init__(self, n: int, state=None):
-        self.n = n
+    def __init__(self, n: int, state=None, u: int = 1, ulysses_rank: int = 0, ulysses_group: str = ""):
+        self.n, self.u, self.ulysses_rank, self.ulysses_group = n, u, ulysses_rank, ulysses_group
         self.index = torch.zeros((), dtype=torch.long)
+        self.mode = "full"
         self.partial = False
         self.state = state
         self._own: dict[str, torch.Tensor] = {}
 
+    @property
+    def chunks(self) -> int:
+        return self.n * self.u
+
+    @property
+    def patch(self) -> int:
+        return int(self.index) // self.u
+
     def __repr__(self) -> str:
-        return f"PatchAttention(n={self.n}, index={int(self.index)}, partial={self.partial})"
+        return f"PatchAttention(n={self.n}, u={self.u}, index={int(self.index)}, mode={self.mode}, partial={self.partial})"
 
     def describe(self) -> str:
-        return f"pipefusion: {self.n} patches, full-sequence K/V buffer"
+        uly = f", ulysses {self.u} inside each patch" if self.u > 1 else ""
+        return f"pipefusion: {self.n} patches{uly}, full-sequence K/V buffer"
 
     def buffers(self, site: int, k: torch.Tensor, v: torch.Tensor, length: int):
         """This site's K and V buffers, [B, H, length, D] like ``k`` / ``v``."""
@@ -64,7 +77,7 @@ class PatchAttention:
 
 
 def _segments(lengths: list, n: int, p: int):
-    """(global start, local start, real tokens) of patch ``p``'s chunk of each segment."""
+    """(global start, local start, real tokens) of chunk ``p``'s part of each segment."""
     out, goff, loff = [], 0, 0
     for L in lengths:
         c = chunk_len(L, n)
@@ -73,37 +86,81 @@ def _segments(lengths: list, n: int, p: int):
     return out
 
 
-def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site: int, mask=None):
-    """Attention of one site under PipeFusion (see the module docstring). ``lengths`` None: a full step."""
-    if not lengths:
-        kb, vb = pa.buffers(site, k, v, k.shape[2])
-        kb.copy_(k)
-        vb.copy_(v)
-        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+def _filled(kb, vb, mask, lengths, chunks, upto):
+    """Keys of chunks ``0 .. upto - 1`` only (a first step without warm-up): each segment's start."""
+    spans, off = [], 0
+    for L in lengths:
+        spans.append((off, off + min(L, upto * chunk_len(L, chunks))))
+        off += L
+    kb = torch.cat([kb[:, :, a:b] for a, b in spans], 2)
+    vb = torch.cat([vb[:, :, a:b] for a, b in spans], 2)
+    if mask is not None and mask.shape[-1] != 1:
+        mask = torch.cat([mask[..., a:b] for a, b in spans], -1)
+    return kb, vb, mask
+
+
+class _PatchSeq:
+    """`seq.seq_attention`'s view of patch ``m`` under Ulysses: ``n = patches * u`` chunks, and the
+    "ring rank" ``m`` makes its sources ``m*u .. m*u + u - 1`` (ring degree 1: no ring exchange)."""
+
+    r = 1
+    ring_group = ""
+
+    def __init__(self, pa: PatchAttention):
+        self.u, self.n, self.ring_rank = pa.u, pa.chunks, pa.patch
+        self.ulysses_rank, self.ulysses_group = pa.ulysses_rank, pa.ulysses_group
+
+
+def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None, sent=None):
+    """Attention of one site under PipeFusion (see the module docstring); ``site``: its `SiteStrategy`."""
+    from . import seq
+
+    if pa.mode == "full":
+        if site.seq is None:  # the whole sequence here
+            kb, vb = pa.buffers(site.site, k, v, k.shape[2])
+            kb.copy_(k)
+            vb.copy_(v)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+
+        def write_all(q_, k_, v_, m_, lengths_, n_, srcs):  # Ulysses gathered every token of our heads
+            kb, vb = pa.buffers(site.site, k_, v_, sum(int(L) for L in lengths_))
+            pos = seq._positions([int(L) for L in lengths_], n_, srcs, True, k_.device)  # to global order
+            kb.index_copy_(2, pos, k_)
+            vb.index_copy_(2, pos, v_)
+            return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m_, scale=scale)
+
+        return seq.seq_attention(q, k, v, scale, list(lengths), site.seq, mask=mask, sent=sent, local=write_all)
     lengths = [int(L) for L in lengths]
-    p = int(pa.index)
-    kb, vb = pa.buffers(site, k, v, sum(lengths))
-    for g, loc, real in _segments(lengths, pa.n, p):
-        if real:
-            kb[:, :, g:g + real].copy_(k[:, :, loc:loc + real])
-            vb[:, :, g:g + real].copy_(v[:, :, loc:loc + real])
-    if mask is not None and mask.shape[-2] != 1:  # the mask is whole (global order): this patch's rows
-        mask = mask.index_select(-2, _rows(lengths, pa.n, p, mask.device))
-    if pa.partial and p < pa.n - 1:
-        # only patches 0..p have K/V in this generation: each segment's first (p + 1) chunks
-        spans, off = [], 0
-        for L in lengths:
-            spans.append((off, off + min(L, (p + 1) * chunk_len(L, pa.n))))
-            off += L
-        kb = torch.cat([kb[:, :, a:b] for a, b in spans], 2)
-        vb = torch.cat([vb[:, :, a:b] for a, b in spans], 2)
-        if mask is not None and mask.shape[-1] != 1:
-            mask = torch.cat([mask[..., a:b] for a, b in spans], -1)
-    return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale)
+    total = sum(lengths)
+    if pa.u == 1:
+        p = int(pa.index)
+        kb, vb = pa.buffers(site.site, k, v, total)
+        for g, loc, real in _segments(lengths, pa.n, p):
+            if real:
+                kb[:, :, g:g + real].copy_(k[:, :, loc:loc + real])
+                vb[:, :, g:g + real].copy_(v[:, :, loc:loc + real])
+        if mask is not None and mask.shape[-2] != 1:  # the mask is whole (global order): this patch's rows
+            mask = mask.index_select(-2, _rows(lengths, pa.n, p, mask.device))
+        if pa.partial and p < pa.n - 1:
+            kb, vb, mask = _filled(kb, vb, mask, lengths, pa.n, p + 1)
+        return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale)
+    if mask is not None:
+        raise NotImplementedError("PipeFusion x Ulysses with an attention mask")  # the pass refuses it
+
+    def against_buffer(q_, k_, v_, m_, lengths_, n_, srcs):  # the patch's tokens, our heads
+        kb, vb = pa.buffers(site.site, k_, v_, total)
+        pos = seq._positions(lengths, n_, srcs, True, k_.device)
+        kb.index_copy_(2, pos, k_)
+        vb.index_copy_(2, pos, v_)
+        if pa.partial and pa.patch < pa.n - 1:
+            kb, vb, _ = _filled(kb, vb, None, lengths, pa.chunks, (pa.patch + 1) * pa.u)
+        return F.scaled_dot_product_attention(q_, kb, vb, scale=scale)
+
+    return seq.seq_attention(q, k, v, scale, lengths, _PatchSeq(pa), sent=sent, local=against_buffer)
 
 
 def _rows(lengths: list, n: int, p: int, device) -> torch.Tensor:
-    """Global positions of patch ``p``'s query slots (pad slots: their segment's last token)."""
+    """Global positions of chunk ``p``'s query slots (pad slots: their segment's last token)."""
     pieces, off = [], 0
     for L in lengths:
         c = chunk_len(L, n)

@@ -151,6 +151,8 @@ class PipeFusionRunner:
         self.next = ranks[self.s + 1] if self.s < self.N - 1 else None
         self.last = ranks[-1]
         self.group = _resolve(placement.group("pipefusion"))
+        self.u, self.uly_rank = placement.degrees["ulysses"], placement.coords["ulysses"]
+        self.uly_group = _resolve(placement.group("ulysses"))
         self._shapes: dict = {}  # (mode, "recv" | "out") -> [(shape, dtype)]
         self._seen_generation = None
         self.last_mode = None
@@ -173,6 +175,7 @@ class PipeFusionRunner:
 
     def _full(self, flat):
         recv = self._recv("full", self.n_recv_full) if self.prev is not None else []
+        self.patch.mode = "full"
         out = self._run_full(*flat, *recv)
         if self.next is not None:
             for r in self._send("full", out):
@@ -184,7 +187,8 @@ class PipeFusionRunner:
         pending, done = [], []
         nxt = self._post_recv("patch", self.n_recv_part) if self.prev is not None else None
         for m in range(self.M):
-            self.patch.index.fill_(m)
+            self.patch.mode = "patch"
+            self.patch.index.fill_(m * self.u + self.uly_rank)  # this rank's chunk of patch m
             recv = []
             if nxt is not None:
                 recv = self._wait(nxt)
@@ -203,9 +207,22 @@ class PipeFusionRunner:
             for i, dim, k in self.patch_outputs:
                 lengths = done[0][extra:extra + k]
                 extra += k
-                tail_in[i] = assemble([d[i] for d in done], dim, lengths, self.M)
+                tail_in[i] = assemble(self._chunks([d[i] for d in done]), dim, lengths, self.M * self.u)
             final = list(self._run_tail(*flat, *tail_in))
         return self._bcast("patch", final)
+
+    def _chunks(self, mine: list) -> list:
+        """Every chunk in order from this rank's chunk of each patch: under Ulysses, patch m's u chunks
+        are all-gathered from the Ulysses ranks of this stage."""
+        if self.u == 1:
+            return mine
+        out = []
+        for x in mine:
+            x = x.contiguous()
+            parts = [torch.empty_like(x) for _ in range(self.u)]
+            dist.all_gather(parts, x, group=self.uly_group)
+            out.extend(parts)
+        return out
 
     # ---- point to point ------------------------------------------------------------------
     def _send(self, mode, tensors):

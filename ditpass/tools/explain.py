@@ -135,6 +135,8 @@ def _record_part(r, graph: bool) -> dict:
     part = _part(r.analysis, r.results, r.graph_module, graph, r.signature, r.sites)
     if hasattr(r.runner, "describe"):  # how the rewritten graph runs (compiled regions, if any)
         part["backend"] = r.runner.describe()
+    if hasattr(r.runner, "tables"):  # what the runner did at run time (the step cache: steps computed / reused)
+        part["runtime"] = [_table_dict(t) for t in r.runner.tables()]
     return part
 
 
@@ -239,8 +241,7 @@ def _part(analysis, results, gm, graph: bool, signature, sites=None) -> dict:
     for r in results:
         p = {"name": r.name, "modified": r.modified, "summary": r.summary(), "added": r.added, "removed": r.removed,
              "notes": list(r.notes), "collectives": [_collective(c, by_name) for c in r.collectives],
-             "tables": [{"title": t.title, "headers": list(t.headers), "rows": [[_jsonable(c) for c in row] for row in t.rows],
-                         "fold": t.fold} for t in r.tables],
+             "tables": [_table_dict(t) for t in r.tables],
              "details": {k: _jsonable(v) for k, v in r.details.items()}}
         if graph:
             p["graph_code"] = r.graph_code
@@ -250,6 +251,11 @@ def _part(analysis, results, gm, graph: bool, signature, sites=None) -> dict:
     if graph and not any(ps.get("graph_code") and ps["modified"] for ps in passes):
         part["graph_code"] = (gm if gm is not None else analysis.graph_module).code
     return part
+
+
+def _table_dict(t) -> dict:
+    return {"title": t.title, "headers": list(t.headers), "rows": [[_jsonable(c) for c in row] for row in t.rows],
+            "fold": t.fold}
 
 
 def _collective(c, by_name: dict) -> dict:
@@ -482,6 +488,9 @@ def _part_text(p: dict, condense: bool) -> str:
     if p.get("backend"):
         out.append(_rule("backend: how the rewritten graph runs"))
         out.extend(f"  {line}" for line in p["backend"].splitlines())
+    for t in p.get("runtime", ()):
+        out.append(f"  {t['title']}:")
+        out.append(_pass_table(t, condense))
     for ps in p["passes"]:
         if ps.get("graph_code") and ps["modified"]:
             out.append(_rule(f"graph after pass {ps['name']}"))

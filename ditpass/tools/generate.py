@@ -47,6 +47,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    help="DiTFastAttn's window, a fraction of the sequence (default: Plan's; not xDiT's tokens)")
     p.add_argument("--n_calib", type=int, default=None, help="DiTFastAttn's calibration inputs (default: Plan's)")
     p.add_argument("--fast_attn_plan", default=None, help="DiTFastAttn with a saved plan (JSON): no calibration")
+    p.add_argument("--cache_method", default=None, choices=("fbcache", "taylorseer"),
+                   help="step cache: reuse (fbcache) or forecast (taylorseer) the middle blocks' residual")
+    p.add_argument("--cache_threshold", type=float, default=None,
+                   help="step cache: recompute when the first blocks' residual changed by this much (default: Plan's)")
+    p.add_argument("--cache_first_blocks", type=int, default=None, help="step cache: blocks always run first")
+    p.add_argument("--cache_last_blocks", type=int, default=None, help="step cache: blocks always run last")
+    p.add_argument("--cache_warmup_steps", type=int, default=None, help="step cache: first steps always computed")
+    p.add_argument("--cache_max_skip", type=int, default=None, help="step cache: most cached steps in a row")
+    p.add_argument("--cache_order", type=int, default=None, help="TaylorSeer's forecast order (0, 1, 2)")
     p.add_argument("--plan", default=None, help="a saved Plan (JSON file) or 'k=v,...'; overrides the degree flags")
     p.add_argument("--device", default=None, help="cpu or cuda (default: cuda if available)")
 
@@ -68,6 +77,13 @@ def plan_from_args(args):
             warmup_steps=args.warmup_steps, compile="inductor" if args.use_torch_compile else "eager")
         if fast:
             plan = plan.replace(**fast)
+        cache = {name: getattr(args, name) for name in ("cache_threshold", "cache_first_blocks", "cache_last_blocks",
+                                                         "cache_warmup_steps", "cache_max_skip", "cache_order")
+                 if getattr(args, name) is not None}
+        if args.cache_method:
+            cache["step_cache"] = args.cache_method
+        if cache:
+            plan = plan.replace(**cache)
         if isinstance(plan.fastattn, str):
             from ditpass.runtime.fastattn import load_plan
 
@@ -141,6 +157,19 @@ def _calibrate(pipe, plan, args, kw) -> float:
     return time.perf_counter() - t0
 
 
+def _step_cache_summary(pipe) -> list[str]:
+    """One line per step-cached transformer: which steps computed the middle blocks and which reused them."""
+    lines = []
+    for name in ("transformer", "transformer_2"):
+        for record in getattr(getattr(pipe, name, None), "ditpass_records", ()):
+            summary = getattr(record.runner, "summary", None)
+            if summary is not None and record.runner.log:
+                s = summary()
+                lines.append(f"step cache ({name}): {s['computed']} of {s['calls']} steps computed, {s['cached']} "
+                             f"reused (steps {s['cached_steps']})")
+    return lines
+
+
 def run(args) -> int:
     import torch.distributed as dist
 
@@ -187,11 +216,14 @@ def run(args) -> int:
               f"peak memory {mem}")
         if calib_s is not None:
             print(f"DiTFastAttn: calibrated in {calib_s:.2f} s; plan saved {os.path.join(args.output_dir, _PLAN_FILE)}")
+        caches = _step_cache_summary(pipe)
+        for line in caches:
+            print(line)
         for path in saved:
             print(f"saved {path}")
         with open(os.path.join(args.output_dir, "last_run.json"), "w") as f:
             json.dump(dict(plan=plan.to_dict(), world=world, seconds=seconds, steps=steps, files=saved,
-                           calibration_seconds=calib_s), f, indent=2)
+                           calibration_seconds=calib_s, step_cache=caches), f, indent=2)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return 0

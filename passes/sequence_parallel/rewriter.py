@@ -64,7 +64,7 @@ class _Rewriter:
         self.patch_blocks = patch_blocks  # patch mode: the blocks that run patch by patch
         self.patch_outputs: list[tuple[int, int, int]] = []  # (output index, token dim, number of lengths)
         if patch is not None:
-            self.n, self.p = patch.n, patch_index
+            self.n, self.p = patch.chunks, patch_index  # chunks: patches x Ulysses ranks in each
         else:
             self.n, self.p = pl.degree("sp"), pl.coord("sp")  # p: ring-major index among the n sequence ranks
         self.sp_group = pl.group("sp")
@@ -525,8 +525,15 @@ class _Rewriter:
             raise _Fallback("different head counts for q and k")
         st = self.seq
         if self.patch is not None:  # a mask stays whole (global order): the op picks this patch's rows
+            if self.patch.u > 1 and mask is not None:
+                raise _Fallback("attention mask under PipeFusion x Ulysses")
             with self.g.inserting_before(node):
                 kwargs["lengths"] = self.lengths(lq.segs, node)
+                if self.patch.u > 1:
+                    sent = self.g.call_function(OPS["ulysses_send"], (q, k, v, self.patch.u, self.patch.ulysses_group))
+                    sent.meta = {k_: node.meta[k_] for k_ in ("ditpass_block", "nn_module_stack", "stack_trace")
+                                 if k_ in node.meta}
+                    kwargs["sent"] = sent
             node.kwargs = kwargs
             self.layout[node] = Sharded(2, lq.segs)
             self.sites.refine(site.site, note="patch K/V buffer", patch=self.patch)
