@@ -56,19 +56,22 @@ def import_ditpass():
 
     if Path(ditpass.__file__).resolve().parent != root / "ditpass":
         raise SystemExit(f"imported ditpass from {ditpass.__file__}, wanted {root / 'ditpass'}")
-    name = "ditpass.passes"
-    try:
-        if os.environ.get("BENCH_FORCE_SHIM") or os.environ.get("BENCH_DITPASS_SRC"):
-            raise ModuleNotFoundError(name)
-        importlib.import_module(name)
-    except ModuleNotFoundError:
-        sys.modules.pop(name, None)
-        spec = importlib.util.spec_from_file_location(name, root / "passes" / "__init__.py",
-                                                      submodule_search_locations=[str(root / "passes")])
-        mod = importlib.util.module_from_spec(spec)
-        sys.modules[name] = mod
-        spec.loader.exec_module(mod)
-        ditpass.passes = mod
+    for sub in ("passes", "models"):  # top-level folders installed as ditpass.<sub> (setup.py's package_dir)
+        name = f"ditpass.{sub}"
+        if not (root / sub / "__init__.py").exists():
+            continue
+        try:
+            if os.environ.get("BENCH_FORCE_SHIM") or os.environ.get("BENCH_DITPASS_SRC"):
+                raise ModuleNotFoundError(name)
+            importlib.import_module(name)
+        except ModuleNotFoundError:
+            sys.modules.pop(name, None)
+            spec = importlib.util.spec_from_file_location(name, root / sub / "__init__.py",
+                                                          submodule_search_locations=[str(root / sub)])
+            mod = importlib.util.module_from_spec(spec)
+            sys.modules[name] = mod
+            spec.loader.exec_module(mod)
+            setattr(ditpass, sub, mod)
     return ditpass
 
 
