@@ -1,6 +1,7 @@
 """PipeFusion: pipeline stages cut at block boundaries, patches of the token sequence, stale K/V.
 
-What it makes (the graph it is given stays the *full* graph: whole sequence, exact)::
+What it makes, before sequence parallelism (the graph it is given stays the *full* graph: whole sequence,
+exact; ``sequence_parallel`` shards it afterwards under ulysses)::
 
     # the patch graph: the sequence-parallel rewrite with the patch index in place of the rank
     hidden_states = ditpass.patch_shard(hidden_states, 1, [I], M, pipefusion_patch)   # patch m of M
@@ -20,8 +21,9 @@ stages is `ditpass.runtime.pipeline.PipeFusionRunner`; `ditpass.build.build` mak
 pass leaves in ``ctx.graphs["pipefusion"]``.
 
 Refused, with the reason: an op that needs the whole sequence (it cannot run on one patch), an
-attention mask on self-attention, and (not built yet) PipeFusion together with ulysses / ring or
-CUDA graphs. Off when ``pipefusion == 1``.
+attention mask under PipeFusion x Ulysses, and (not built yet) PipeFusion together with ring attention or
+CUDA graphs. With ``ulysses > 1`` each patch is split over the stage's Ulysses ranks (``M x u`` chunks;
+`ditpass.runtime.patches`). Off when ``pipefusion == 1``.
 """
 from __future__ import annotations
 
