@@ -76,11 +76,20 @@ def _zoo_worker(rank, world, model, inputs, ref, fields):
     with torch.no_grad():
         full = pm(**inputs)[0]  # step 0: warm-up (whole sequence, exact)
         patched = pm(**inputs)[0]  # step 1: patch by patch (same inputs: stale K/V equal fresh ones)
+        # a pipeline that calls the transformer twice in one step (true CFG) is refused, not served stale K/V
+        pm.ditpass_state.steps_counted, pm.ditpass_state.step = True, 5
+        pm(**inputs)
+        try:
+            pm(**inputs)
+            refused = False
+        except PlanError as e:
+            refused = "twice in diffusion step 5" in str(e)
     record = pm.ditpass_records[0]
     runner = record.runner
     stages = record.results[[r.name for r in record.results].index("pipefusion")].details["stages"]
     ran = {n.meta.get("ditpass_block") for n in runner.part.graph.nodes if n.op == "call_function"} - {None}
     kept = sum(p.numel() for p in model.parameters())
+    assert refused
     return (float((full - ref).abs().max()), float((patched - ref).abs().max()), runner.last_mode,
             stages, sorted(ran), kept, total)
 

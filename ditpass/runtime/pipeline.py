@@ -155,6 +155,7 @@ class PipeFusionRunner:
         self.uly_group = _resolve(placement.group("ulysses"))
         self._shapes: dict = {}  # (mode, "recv" | "out") -> [(shape, dtype)]
         self._seen_generation = None
+        self._last_step = None  # (generation, step) of the last call
         self.last_mode = None
 
     # ---- one call ------------------------------------------------------------------------
@@ -162,15 +163,24 @@ class PipeFusionRunner:
         flat = list(self.inputs(*args, **kwargs))
         step = self.state.step_index if self.state is not None else 0
         gen = self.state.generation if self.state is not None else 0
+        counted = self.state is not None and self.state.steps_counted
         if step < self.plan.warmup_steps:
             outs = self._full(flat)
             self.last_mode = "full"
+        elif counted and self._last_step == (gen, step):
+            from ditpass.errors import PlanError
+
+            raise PlanError(
+                f"the pipeline called the transformer twice in diffusion step {step} (true CFG with a negative "
+                f"prompt, or two denoisers on one state): PipeFusion keeps one K/V buffer per attention site, "
+                f"which the second call would read as the first's; run these steps whole "
+                f"(warmup_steps >= num_inference_steps) or use cfg / dp / ulysses for this pipeline")
         else:
             # the first patch step of a generation with no full step before it: no stale K/V yet
             self.patch.partial = self._seen_generation != gen
             outs = self._patches(flat)
             self.last_mode = "patches"
-        self._seen_generation = gen
+        self._seen_generation, self._last_step = gen, (gen, step)
         return self.out_codegen.process_outputs(list(outs))
 
     def _full(self, flat):
