@@ -159,8 +159,9 @@ def write_table():
                      f"{r['pixel_mean_abs']:.2e} | {r['pixel_max_abs']:.2e} | {r['seconds']} |")
     if rows:
         lines += ["", f"torch {last['torch']}, diffusers {last['diffusers']}, {last['date']}; uncached: "
-                  f"{last['uncached_seconds']} s. CPU timings are for orientation only (the model is tiny: the "
-                  "head, tail and VAE weigh as much as the cached blocks); speed is measured on GPUs by "
+                  f"{last['uncached_seconds']} s (the first pipeline built in the process). CPU timings are for "
+                  "orientation only: ditpass's include the capture (export) at the first call, and the model is "
+                  "tiny (the head, tail and VAE weigh as much as the cached blocks); speed is measured on GPUs by "
                   "`benchmarks/bench_step_cache.py`."]
     with open(TABLE, "w") as f:
         f.write("\n".join(lines) + "\n")

@@ -81,6 +81,10 @@ def check_built(plan) -> None:
     if plan.pipefusion > 1 and plan.fastattn:
         raise PlanError(f"pipefusion={plan.pipefusion} with fastattn={plan.fastattn!r} is not built yet: "
                         f"use one of them")
+    if plan.step_cache is not None and plan.fastattn is True:
+        raise PlanError(f"step_cache={plan.step_cache!r} with fastattn=True: DiTFastAttn's calibration calls the "
+                        f"transformer several times per step, which the step cache would take for other calls: "
+                        f"calibrate without step_cache, then use fastattn='<the saved plan>.json' with it")
     if plan.step_cache is not None and plan.pipefusion > 1:
         raise PlanError(f"step_cache={plan.step_cache!r} with pipefusion={plan.pipefusion} is not built (the cache "
                         f"would have to skip a pipeline stage on every rank at once): use one of them")

@@ -18,8 +18,8 @@ in ``ctx.graphs["step_cache"]``) runs head, then middle or the cache, then tail,
 
 The cut is made by `ditpass.analysis.stages.StageCut` with fixed sizes (first, middle, last blocks)
 over the blocks of the main sequence (groups with self / joint attention, as PipeFusion's); nodes of
-no block computed only from inputs and weights (embeddings, RoPE tables) are computed by every part that
-reads them. Last in the pass order: the parts are cut from the graph every other pass has rewritten.
+no block computed only from inputs and weights (embeddings, RoPE tables) are computed once, by the head,
+which hands the middle and the tail the ones they read. Last in the pass order: the parts are cut from the graph every other pass has rewritten.
 Off when ``Plan.step_cache`` is None.
 """
 from __future__ import annotations
@@ -50,6 +50,8 @@ class StepCacheGraphs:
     streams: list  # per middle output: ("residual", i) | ("forward", i) | ("value", None); i: a middle input
     policy: CachePolicy
     blocks: list  # [first, middle, last] block paths
+    middle_extra: list  # head output indices of the replicated values the middle reads (after the middle inputs)
+    tail_extra: list  # head output indices of the replicated values the tail reads (after the middle outputs)
 
 
 class StepCache(GraphPass):
@@ -60,7 +62,7 @@ class StepCache(GraphPass):
         return ctx.plan.step_cache is not None
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
-        from ditpass.runtime.pipeline import _sub_graph, stage_graph, tail_graph
+        from ditpass.runtime.pipeline import _sub_graph
 
         plan = ctx.plan
         F, B = plan.cache_first_blocks, plan.cache_last_blocks
@@ -75,19 +77,24 @@ class StepCache(GraphPass):
         graph = gm.graph
         stage = cut.assign(graph)
         if B:
-            tail_gm, _ = stage_graph(gm, cut, 2)
             m_out = cut.boundary(graph, 1, stage)
-            middle_nodes = {n for n, s in stage.items() if s == 1}
-        else:
-            tail_gm, _ = tail_graph(gm, cut)
+            tail_nodes = {n for n, s in stage.items() if s == 2}
+        else:  # the tail: what follows the last block (`StageCut.tail`, as PipeFusion's)
             tail, m_out = cut.tail(graph, stage)
-            members = set(tail)
-            middle_nodes = {n for n, s in stage.items() if s == 1 and n not in members}
+            tail_nodes = set(tail)
+        middle_nodes = {n for n, s in stage.items() if s == 1 and n not in tail_nodes}
+        # replicated values (embeddings, RoPE tables, modulation inputs) the middle and the tail read: the
+        # head computes them once and hands them on, instead of each part computing them again
+        r_mid, r_tail = (_replicated(graph, stage, nodes) for nodes in (middle_nodes, tail_nodes))
+        outputs = list(next(iter(graph.find_nodes(op="output"))).args[0])
+        tail_gm = _sub_graph(gm, stage, m_out + r_tail, lambda n: n in tail_nodes or stage[n] == -1, outputs,
+                             "CacheTail")
         out_set = set(m_out)
         m_in = [n for n in graph.nodes if stage.get(n, -1) == 0 and not _is_scalar_op(n)
                 and (n in out_set or any(u in middle_nodes for u in n.users))]
         in_index = {n: i for i, n in enumerate(m_in)}
-        middle_gm = _sub_graph(gm, stage, m_in, lambda n: n in middle_nodes or stage[n] == -1, m_out, "CacheMiddle")
+        middle_gm = _sub_graph(gm, stage, m_in + r_mid, lambda n: n in middle_nodes or stage[n] == -1, m_out,
+                               "CacheMiddle")
 
         # streams: the head value each middle output continues
         streams, taken = [], set()
@@ -113,11 +120,14 @@ class StepCache(GraphPass):
             if x is not None:
                 xs.append(x)
             metric.append((in_index[h], len(m_in) + xs.index(x) if x is not None else None))
-        head_gm = _sub_graph(gm, stage, [], lambda n: stage[n] in (-1, 0), m_in + xs, "CacheHead")
+        extra = len(m_in) + len(xs)
+        head_gm = _sub_graph(gm, stage, [], lambda n: stage[n] in (-1, 0), m_in + xs + r_mid + r_tail, "CacheHead")
         policy = CachePolicy(plan.step_cache, float(plan.cache_threshold), plan.cache_warmup_steps,
                              plan.cache_max_skip, plan.cache_order if plan.step_cache == "taylorseer" else 0)
-        ctx.graphs["step_cache"] = StepCacheGraphs(head_gm, middle_gm, tail_gm, len(m_in), metric, streams, policy,
-                                                   [list(b) for b in cut.blocks] + ([] if B else [[]]))
+        ctx.graphs["step_cache"] = StepCacheGraphs(
+            head_gm, middle_gm, tail_gm, len(m_in), metric, streams, policy,
+            [list(b) for b in cut.blocks] + ([] if B else [[]]),
+            list(range(extra, extra + len(r_mid))), list(range(extra + len(r_mid), extra + len(r_mid) + len(r_tail))))
 
         def blocks_text(bs):
             return "-" if not bs else bs[0] if len(bs) == 1 else f"{bs[0]} .. {bs[-1]} ({len(bs)})"
@@ -130,14 +140,14 @@ class StepCache(GraphPass):
                           ["part", "blocks", "params (M)", "nodes"], [[r[0], r[1], f"{r[2]:.2f}", r[3]] for r in rows])
         stream_rows = []
         for m, (kind, i) in zip(m_out, streams):
-            src = m_in[i].name if i is not None else "-"
+            src = _label(m_in[i]) if i is not None else "-"
             how = {"residual": f"{src} + cached residual" if plan.step_cache == "fbcache" else
                    f"{src} + forecast residual (order {policy.order})",
                    "forward": f"{src} (passed on from the head)", "value": "the cached value itself"}[kind]
-            stream_rows.append([m.name, _shape(m), _mb(nbytes(node_val(m))), how])
+            stream_rows.append([_label(m), _shape(m), _mb(nbytes(node_val(m))), how])
         stream_table = Table("what the tail reads on a cached step", ["middle output", "shape", "size", "cached step"],
                              stream_rows)
-        metric_rows = [[m_in[i].name, xs[x - len(m_in)].name if x is not None else "-",
+        metric_rows = [[_label(m_in[i]), _label(xs[x - len(m_in)]) if x is not None else "-",
                         "output - input" if x is not None else "output"] for i, x in metric]
         metric_table = Table(f"the decision: relative L1 change of the first blocks' residual against the last "
                              f"computed step, all-reduced over the world; compute when >= {plan.cache_threshold}",
@@ -152,9 +162,23 @@ class StepCache(GraphPass):
                                    "metric": metric, "skipped_share": skipped})
 
 
+def _replicated(graph, stage, nodes) -> list:
+    """Replicated tensors (stage -1: computed from inputs and weights only) that ``nodes`` read."""
+    return [n for n in graph.nodes if stage.get(n) == -1 and n.op == "call_function" and not _is_scalar_op(n)
+            and isinstance(node_val(n), torch.Tensor) and any(u in nodes for u in n.users)]
+
+
 def _float(n) -> bool:
     v = node_val(n)
     return isinstance(v, torch.Tensor) and v.is_floating_point()
+
+
+def _label(n) -> str:
+    """A node's name and the module that made it: ``add_11 (transformer_blocks.0)``."""
+    from ditpass.analysis.blocks import module_path
+
+    where = module_path(n)
+    return f"{n.name} ({where})" if where else n.name
 
 
 def _shape(n) -> str:

@@ -114,13 +114,14 @@ def test_taylorseer_cached_step_is_the_forecast_against_a_direct_computation(flu
     with torch.no_grad():
         for kw in calls:
             flat = list(runner.inputs(**kw))
-            h = list(p.head(*flat))[:p.n_middle_in]
-            res.append(list(p.middle(*flat, *h))[j] - h[i])
-            heads.append((flat, h))
-        flat, h = heads[2]
-        m = list(p.middle(*flat, *h))
+            head = list(p.head(*flat))
+            h, em, et = head[:p.n_middle_in], [head[k] for k in p.middle_extra], [head[k] for k in p.tail_extra]
+            res.append(list(p.middle(*flat, *h, *em))[j] - h[i])
+            heads.append((flat, h, em, et))
+        flat, h, em, et = heads[2]
+        m = list(p.middle(*flat, *h, *em))
         m[j] = h[i] + res[1] + (res[1] - res[0])  # first order, equal gaps
-        want = p.tail(*flat, *m)[0]
+        want = p.tail(*flat, *m, *et)[0]
     torch.testing.assert_close(outs[2], want, rtol=1e-5, atol=1e-6)
     # and the forecast is not the plain reuse
     assert not torch.allclose(want, outs[1])
@@ -183,6 +184,9 @@ def test_refusals():
 
     with pytest.raises(PlanError, match="pipefusion=2 is not built"):
         check_built(ditpass.Plan(step_cache="fbcache", pipefusion=2))
+    with pytest.raises(PlanError, match="calibrate without step_cache"):
+        check_built(ditpass.Plan(step_cache="fbcache", fastattn=True))
+    check_built(ditpass.Plan(step_cache="fbcache", fastattn="plan.json"))  # a saved DiTFastAttn plan: fine
     with pytest.raises(PlanError, match="leave no block to cache"):
         ditpass.Plan(step_cache="fbcache", cache_first_blocks=3, cache_last_blocks=1).validate(num_blocks=4)
     assert ditpass.Plan.parse("step_cache=taylorseer,cache_order=2,cache_threshold=0.1") == ditpass.Plan(

@@ -6,10 +6,11 @@
 
 Three graphs cut from the rewritten transformer at block boundaries (`passes/step_cache.py`):
 
-    head(*inputs)               -> (*h, *x)   glue + the first blocks; h: what the middle reads, x: the
-                                              first block's inputs (for the decision's residual)
-    middle(*inputs, *h)         -> (*m,)      the cached blocks
-    tail(*inputs, *m)           -> outputs    the last blocks + glue (final norm, projection, un-patchify)
+    head(*inputs)               -> (*h, *x, *e)  glue + the first blocks; h: what the middle reads, x: the
+                                                 first block's inputs (for the decision's residual), e: the
+                                                 embeddings the middle and the tail read (computed once)
+    middle(*inputs, *h, *e_m)   -> (*m,)         the cached blocks
+    tail(*inputs, *m, *e_t)     -> outputs       the last blocks + glue (final norm, projection, un-patchify)
 
 One call: run the head; the first blocks' residual ``d = h_s - x_s`` (per stream ``s``: the hidden
 states that flow through the middle, e.g. FLUX's image and text streams) against ``d_ref``, its value
@@ -118,12 +119,12 @@ class StepCacheRunner:
         d = [head[i] - head[x] if x is not None else head[i] for i, x in p.metric]
         compute, metric, why = self._decide(slot, step, d)
         if compute:
-            m = list(self._middle(*flat, *h))
+            m = list(self._middle(*flat, *h, *(head[i] for i in p.middle_extra)))
             self._keep(slot, step, d, h, m)
         else:
             m = self._cached(slot, step, h)
             slot.skipped += 1
-        out = self._tail(*flat, *m)
+        out = self._tail(*flat, *m, *(head[i] for i in p.tail_extra))
         self.log[-1].append({"step": step, "slot": self._slot, "action": "computed" if compute else "cached",
                              "metric": metric, "why": why})
         return self.out_codegen.process_outputs(list(out))
@@ -211,6 +212,10 @@ class StepCacheRunner:
 
     def describe(self) -> str:
         s = self.summary()
-        return (f"step cache ({self.policy.method}): head, middle and tail graphs run one after the other; "
-                f"{len(self.log)} generation(s) so far, the last: {s['computed']} computed, {s['cached']} cached "
-                f"of {s['calls']} calls")
+        lines = [f"step cache ({self.policy.method}): head, middle and tail graphs run one after the other; "
+                 f"{len(self.log)} generation(s) so far, the last: {s['computed']} computed, {s['cached']} cached "
+                 f"of {s['calls']} calls"]
+        for name, part in (("head", self._head), ("middle", self._middle), ("tail", self._tail)):
+            if hasattr(part, "describe"):  # compiled regions
+                lines.append(f"{name}: " + part.describe().replace("\n", "\n  "))
+        return "\n".join(lines)
