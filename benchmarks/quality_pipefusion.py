@@ -37,21 +37,12 @@ def main(argv=None):
     import ditpass
     from ditpass.mesh import init_distributed
     from ditpass.models import digits
-    from ditpass.tools.quality import balanced_labels, digits_quality
+    from ditpass.tools.quality import digits_quality, digits_reference, quiet_pipeline
 
     torch.set_num_threads(1)
     rank, world = init_distributed()
-    labels = balanced_labels(args.per_class)
-    steps = digits.defaults()["num_inference_steps"]
-
-    def make():
-        pipe = digits.load_pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    t = time.perf_counter()
-    ref = digits.generate(labels, seed=0, pipe=make(), output_type="np")
-    ref_s = time.perf_counter() - t
+    labels, ref, ref_s, steps = digits_reference(args.per_class)
+    make = quiet_pipeline
     rows = []
     for M in (world, 2 * world):
         for W in sorted(set(args.warmup) | {steps}):

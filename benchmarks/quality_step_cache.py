@@ -75,20 +75,11 @@ def main(argv=None):
 
     import ditpass
     from ditpass.models import digits
-    from ditpass.tools.quality import balanced_labels, digits_quality
+    from ditpass.tools.quality import digits_quality, digits_reference, quiet_pipeline
 
     torch.set_num_threads(1)
-    labels = balanced_labels(args.per_class)
-    steps = digits.defaults()["num_inference_steps"]
-
-    def make():
-        pipe = digits.load_pipeline()
-        pipe.set_progress_bar_config(disable=True)
-        return pipe
-
-    t = time.perf_counter()
-    ref = digits.generate(labels, seed=0, pipe=make(), output_type="np")
-    ref_s = time.perf_counter() - t
+    labels, ref, ref_s, steps = digits_reference(args.per_class)
+    make = quiet_pipeline
     plans = {"ditpass fbcache": dict(step_cache="fbcache"),
              "ditpass taylorseer": dict(step_cache="taylorseer"),
              "ditpass fbcache, diffusers' rule": dict(step_cache="fbcache", cache_warmup_steps=0, cache_max_skip=steps)}

@@ -30,7 +30,6 @@ import operator
 import torch
 import torch.distributed as dist
 import torch.fx
-from torch.fx import _pytree as fx_pytree
 
 from ditpass.analysis.partition import _is_scalar_op
 

@@ -19,7 +19,7 @@ from functools import lru_cache
 
 import numpy as np
 
-__all__ = ["digit_classifier", "digits_quality", "balanced_labels"]
+__all__ = ["digit_classifier", "digits_quality", "balanced_labels", "quiet_pipeline", "digits_reference"]
 
 
 @lru_cache(maxsize=1)
@@ -63,3 +63,26 @@ def digits_quality(images, labels, reference=None) -> dict:
         out["pixel_mean_abs"] = float(dev.mean())
         out["pixel_max_abs"] = float(dev.max())
     return out
+
+
+def quiet_pipeline():
+    """A fresh digits pipeline (each lossy plan parallelizes its own) without a progress bar."""
+    from ditpass.models import digits
+
+    pipe = digits.load_pipeline()
+    pipe.set_progress_bar_config(disable=True)
+    return pipe
+
+
+def digits_reference(per_class: int) -> tuple[list[int], object, float, int]:
+    """``(labels, single-device images, seconds they took, steps)``: what a quality table compares with
+    (``per_class`` of each digit, seed 0, the model's default steps and guidance)."""
+    import time
+
+    from ditpass.models import digits
+
+    labels = balanced_labels(per_class)
+    t = time.perf_counter()
+    ref = digits.generate(labels, seed=0, pipe=quiet_pipeline(), output_type="np")
+    return labels, ref, time.perf_counter() - t, digits.defaults()["num_inference_steps"]
+
