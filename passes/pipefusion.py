@@ -122,7 +122,8 @@ class PipeFusion(GraphPass):
         table = Table(f"stage cut: {N} stages, {M} patches",
                       ["stage", "blocks", "count", "params", "sends", "per full step", "per patch"], rows)
         me = ctx.placement.coord("pipefusion")
-        notes = [f"the full graph cut into {N} stages, and a patch graph ({M} patches) made; this rank is stage {me} "
+        uly = f", each split over {plan.ulysses} Ulysses ranks" if plan.ulysses > 1 else ""
+        notes = [f"the full graph cut into {N} stages, and a patch graph ({M} patches{uly}) made; this rank is stage {me} "
                  f"({len(cut.blocks[me])} blocks); {len(sites)} attention sites keep a full-sequence K/V buffer; "
                  f"warm-up steps: {plan.warmup_steps}; the pipeline fills and drains within each transformer call "
                  f"({M}/({M}+{N}-1) = {M / (M + N - 1):.0%} of the ideal; pipelining across steps is not built)"]
