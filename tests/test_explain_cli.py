@@ -171,3 +171,13 @@ def test_ditpass_explain_stays_the_function():
     pm = ditpass.parallelize(model, ditpass.Plan())
     for _ in range(2):  # the second call is the one that failed
         assert "not built yet" in str(ditpass.explain(pm))
+
+
+def test_cli_inspect_plan_the_model_cannot_run_is_one_line(capsys):
+    """A pass that refuses the model (PipeFusion on CogVideoX, which splits text and video inside attention)."""
+    with pytest.raises(SystemExit) as exc:
+        main(["inspect", "--model", "CogVideoXTransformer3DModel", "--plan", "pipefusion=2"])
+    assert exc.value.code == 2
+    err = capsys.readouterr().err
+    assert "--plan pipefusion=2: pass 'pipefusion' failed" in err and "transformer_blocks.0.attn1" in err
+    assert "Traceback" not in err

@@ -106,6 +106,7 @@ def _inspect(args) -> int:
     from ditpass.capture import CaptureError, capture
     from ditpass.tools.explain import dry_run, explain
     from ditpass.models import NAMES, SIZES, build, dynamic_dims, make_inputs
+    from ditpass.pass_base import PassError
     from ditpass.plan import Plan, PlanError
 
     if args.model not in NAMES:
@@ -154,6 +155,8 @@ def _inspect(args) -> int:
             result = dry_run(captured, plan)
         except PlanError as e:
             raise _UsageError(f"--plan: {e}") from None
+        except PassError as e:  # the plan does not fit this model (a pass says why): one line, exit 2
+            raise _UsageError(f"--plan {args.plan}: {e}") from None
         exp = explain(result, graph=args.graph)
         gm = result.graph_module
     else:
