@@ -145,7 +145,8 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
             kb, vb, mask = _filled(kb, vb, mask, lengths, pa.n, p + 1)
         return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale)
     if mask is not None:
-        raise NotImplementedError("PipeFusion x Ulysses with an attention mask")  # the pass refuses it
+        # the pipefusion pass refuses a masked site under the hybrid (the rewriter's patch branch); a guard
+        raise ValueError(f"site {site.module}: PipeFusion x Ulysses does not take an attention mask")
 
     def against_buffer(q_, k_, v_, m_, lengths_, n_, srcs):  # the patch's tokens, our heads
         kb, vb = pa.buffers(site.site, k_, v_, total)
