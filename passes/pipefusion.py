@@ -21,8 +21,8 @@ stages is `ditpass.runtime.pipeline.PipeFusionRunner`; `ditpass.build.build` mak
 pass leaves in ``ctx.graphs["pipefusion"]``.
 
 Refused, with the reason: an op that needs the whole sequence (it cannot run on one patch), an
-attention mask under PipeFusion x Ulysses, and (not built yet) PipeFusion together with ring attention or
-CUDA graphs. With ``ulysses > 1`` each patch is split over the stage's Ulysses ranks (``M x u`` chunks;
+attention mask under PipeFusion x sequence parallelism, and (not built yet) PipeFusion with CUDA graphs.
+With ``ring * ulysses > 1`` each patch is split over the stage's sequence ranks (``M x sp`` chunks;
 `ditpass.runtime.patches`). Off when ``pipefusion == 1``.
 """
 from __future__ import annotations
@@ -62,9 +62,6 @@ class PipeFusion(GraphPass):
 
     def requires(self, gm, ctx):
         plan = ctx.plan
-        if plan.ring > 1:
-            raise ValueError(f"pipefusion={plan.pipefusion} with ring={plan.ring}: the hybrid with ring attention "
-                             f"is not built yet; use ulysses inside the stages, or ring alone")
         if plan.cuda_graphs:
             raise ValueError("pipefusion with cuda_graphs=True is not built yet (the driver sends between "
                              "stages from Python): set cuda_graphs=False")
@@ -79,7 +76,8 @@ class PipeFusion(GraphPass):
         M, N = plan.num_patches, plan.pipefusion
         pl = ctx.placement
         patch = PatchAttention(M, ctx.state, u=plan.ulysses, ulysses_rank=pl.coords["ulysses"],
-                               ulysses_group=pl.group("ulysses"))
+                               ulysses_group=pl.group("ulysses"), r=plan.ring, ring_rank=pl.coords["ring"],
+                               ring_group=pl.group("ring"))
         pgm = copy_graph_module(gm)
         pgm.register_buffer("pipefusion_patch", patch.index, persistent=False)
         first = next(n for n in pgm.graph.nodes if n.op != "placeholder")
@@ -122,7 +120,7 @@ class PipeFusion(GraphPass):
         table = Table(f"stage cut: {N} stages, {M} patches",
                       ["stage", "blocks", "count", "params", "sends", "per full step", "per patch"], rows)
         me = ctx.placement.coord("pipefusion")
-        uly = f", each split over {plan.ulysses} Ulysses ranks" if plan.ulysses > 1 else ""
+        uly = f", each split over {plan.sp} sequence ranks" if plan.sp > 1 else ""
         notes = [f"the full graph cut into {N} stages, and a patch graph ({M} patches{uly}) made; this rank is stage {me} "
                  f"({len(cut.blocks[me])} blocks); {len(sites)} attention sites keep a full-sequence K/V buffer; "
                  f"warm-up steps: {plan.warmup_steps}; the pipeline fills and drains within each transformer call "

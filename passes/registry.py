@@ -70,11 +70,6 @@ class _Skipped(GraphPass):
 
 def check_built(plan) -> None:
     """Raise `PlanError` for plan fields whose pass does not exist yet (the one place that refuses them)."""
-    if plan.pipefusion > 1 and plan.ring > 1:
-        raise PlanError(
-            f"pipefusion={plan.pipefusion} with ring={plan.ring}: the PipeFusion x ring-attention hybrid is not "
-            f"built yet; split each stage's patches with ulysses instead (pipefusion x ulysses works), or use "
-            f"ring alone")
     if plan.pipefusion > 1 and plan.cuda_graphs:
         raise PlanError("pipefusion with cuda_graphs=True is not built yet (the stages send from Python): "
                         "set cuda_graphs=False")

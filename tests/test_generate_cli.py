@@ -49,7 +49,7 @@ def test_generate_one_and_two_processes_same_pictures(tmp_path):
         assert np.abs(x - z).max() <= 1
 
 
-def test_pipefusion_hybrid_with_ring_says_not_built(tmp_path):
-    proc, _ = _generate(tmp_path, "pf", "--pipefusion_parallel_degree", "2", "--ring_degree", "2")
+def test_pipefusion_with_cuda_graphs_says_not_built(tmp_path):
+    proc, _ = _generate(tmp_path, "pf", "--plan", "pipefusion=2,cuda_graphs=true")
     assert proc.returncode != 0
-    assert "ring-attention hybrid is not built yet" in proc.stderr + proc.stdout
+    assert "cuda_graphs=True is not built yet" in proc.stderr + proc.stdout

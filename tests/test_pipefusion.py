@@ -122,8 +122,8 @@ def _calls(rank, world, model, inputs, ref, fields):
     return [float((o - ref).abs().max()) for o in outs], outs, pm.ditpass_records[0].runner.last_mode
 
 
-def test_pipefusion_times_ulysses_equals_pipefusion_alone():
-    """pipefusion=2 x ulysses=2 on 4 ranks: each patch split over the two Ulysses ranks of its stage. Without
+def test_pipefusion_times_ulysses_or_ring_equals_pipefusion_alone():
+    """pipefusion=2 x ulysses=2 (and x ring=2) on 4 ranks: each patch split over two sequence ranks of its stage. Without
     warm-up (the first step attends to the patches computed so far, later ones to stale K/V) it gives the
     same outputs as pipefusion=2 on 2 ranks, call by call; with one warm-up step the first call is exact."""
     model = zoo.build("FluxTransformer2DModel", "tiny").eval()
@@ -135,6 +135,11 @@ def test_pipefusion_times_ulysses_equals_pipefusion_alone():
     assert mode == "patches" and diffs[0] > 1e-2  # stale / partial K/V were used: not the exact output
     for _, outs, mode in hybrid:
         assert mode == "patches"
+        for a, b in zip(ref_outs, outs):
+            torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
+    _, ring = run_forked(_calls, 4, model, inputs, dict(pipefusion=2, ring=2, patches=2, warmup_steps=0),
+                         timeout=300)  # ring inside each patch: K/V all-gathered over the ring into the buffer
+    for _, outs, mode in ring:
         for a, b in zip(ref_outs, outs):
             torch.testing.assert_close(b, a, rtol=1e-5, atol=1e-5)
     _, warm = run_forked(_calls, 4, model, inputs, dict(pipefusion=2, ulysses=2, patches=2, warmup_steps=1),
@@ -183,8 +188,8 @@ def test_unsupported_plans_and_models_say_why():
 
     from ditpass.passes.registry import check_built
 
-    with pytest.raises(PlanError, match="ring-attention hybrid is not built"):
-        check_built(ditpass.Plan(pipefusion=2, ring=2))
+    with pytest.raises(PlanError, match="cuda_graphs=True is not built yet"):
+        check_built(ditpass.Plan(pipefusion=2, cuda_graphs=True))
     name = "CogVideoXTransformer3DModel"  # splits the token sequence inside attention
     model = zoo.build(name, "tiny").eval()
     captured = ditpass.capture(model, **zoo.make_inputs(name, "tiny"))

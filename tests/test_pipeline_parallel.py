@@ -251,12 +251,12 @@ def test_cfg_needs_a_batch_with_two_halves():
         _check("DiTPipeline", [dict(cfg=2)], 2, kwargs=dict(class_labels=[3], guidance_scale=1.0))
 
 
-def test_pipefusion_needs_its_processes_and_ring_hybrid_is_refused():
+def test_pipefusion_needs_its_processes():
     st = _setup("DiTPipeline")
     for obj in (st["pipe"], st["pipe"].transformer):
         with pytest.raises(PlanError, match="needs 2 processes"):
             ditpass.parallelize(obj, ditpass.Plan(pipefusion=2))
-        with pytest.raises(PlanError, match="ring-attention hybrid is not built"):
+        with pytest.raises(PlanError, match="needs 4 processes"):
             ditpass.parallelize(obj, ditpass.Plan(pipefusion=2, ring=2))
     assert type(st["pipe"].transformer).__name__ == "DiTTransformer2DModel"  # left untouched
 

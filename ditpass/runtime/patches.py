@@ -37,8 +37,10 @@ class PatchAttention:
     ``"patch"``; ``partial``: the K/V of later patches are not there yet (first step without warm-up);
     ``state``: the `RunState` holding the buffers (None in a dry run or a unit test: buffers live here)."""
 
-    def __init__(self, n: int, state=None, u: int = 1, ulysses_rank: int = 0, ulysses_group: str = ""):
+    def __init__(self, n: int, state=None, u: int = 1, ulysses_rank: int = 0, ulysses_group: str = "",
+                 r: int = 1, ring_rank: int = 0, ring_group: str = ""):
         self.n, self.u, self.ulysses_rank, self.ulysses_group = n, u, ulysses_rank, ulysses_group
+        self.r, self.ring_rank, self.ring_group = r, ring_rank, ring_group
         self.index = torch.zeros((), dtype=torch.long)
         self.mode = "full"
         self.partial = False
@@ -46,18 +48,23 @@ class PatchAttention:
         self._own: dict[str, torch.Tensor] = {}
 
     @property
+    def sp(self) -> int:
+        """Sequence-parallel ranks that share each patch (ring x ulysses)."""
+        return self.u * self.r
+
+    @property
     def chunks(self) -> int:
-        return self.n * self.u
+        return self.n * self.sp
 
     @property
     def patch(self) -> int:
-        return int(self.index) // self.u
+        return int(self.index) // self.sp
 
     def __repr__(self) -> str:
         return f"PatchAttention(n={self.n}, u={self.u}, index={int(self.index)}, mode={self.mode}, partial={self.partial})"
 
     def describe(self) -> str:
-        uly = f", ulysses {self.u} inside each patch" if self.u > 1 else ""
+        uly = "".join(f", {name} {d} inside each patch" for name, d in (("ulysses", self.u), ("ring", self.r)) if d > 1)
         return f"pipefusion: {self.n} patches{uly}, full-sequence K/V buffer"
 
     def buffers(self, site: int, k: torch.Tensor, v: torch.Tensor, length: int):
@@ -100,15 +107,13 @@ def _filled(kb, vb, mask, lengths, chunks, upto):
 
 
 class _PatchSeq:
-    """`seq.seq_attention`'s view of patch ``m`` under Ulysses: ``n = patches * u`` chunks, and the
-    "ring rank" ``m`` makes its sources ``m*u .. m*u + u - 1`` (ring degree 1: no ring exchange)."""
-
-    r = 1
-    ring_group = ""
+    """`seq.seq_attention`'s view of patch ``m`` under sequence parallelism: ``n = patches * sp`` chunks,
+    the sources offset by ``base = m * sp`` (the patch's chunks, one per sequence rank)."""
 
     def __init__(self, pa: PatchAttention):
-        self.u, self.n, self.ring_rank = pa.u, pa.chunks, pa.patch
+        self.u, self.r, self.n, self.base = pa.u, pa.r, pa.chunks, pa.patch * pa.sp
         self.ulysses_rank, self.ulysses_group = pa.ulysses_rank, pa.ulysses_group
+        self.ring_rank, self.ring_group = pa.ring_rank, pa.ring_group
 
 
 def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None, sent=None):
@@ -129,10 +134,11 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
             vb.index_copy_(2, pos, v_)
             return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m_, scale=scale)
 
-        return seq.seq_attention(q, k, v, scale, list(lengths), site.seq, mask=mask, sent=sent, local=write_all)
+        return seq.seq_attention(q, k, v, scale, list(lengths), site.seq, mask=mask, sent=sent, local=write_all,
+                                 whole=True)
     lengths = [int(L) for L in lengths]
     total = sum(lengths)
-    if pa.u == 1:
+    if pa.sp == 1:
         p = int(pa.index)
         kb, vb = pa.buffers(site.site, k, v, total)
         for g, loc, real in _segments(lengths, pa.n, p):
@@ -146,7 +152,7 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
         return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale)
     if mask is not None:
         # the pipefusion pass refuses a masked site under the hybrid (the rewriter's patch branch); a guard
-        raise ValueError(f"site {site.module}: PipeFusion x Ulysses does not take an attention mask")
+        raise ValueError(f"site {site.module}: PipeFusion x sequence parallelism does not take an attention mask")
 
     def against_buffer(q_, k_, v_, m_, lengths_, n_, srcs):  # the patch's tokens, our heads
         kb, vb = pa.buffers(site.site, k_, v_, total)
@@ -154,10 +160,10 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
         kb.index_copy_(2, pos, k_)
         vb.index_copy_(2, pos, v_)
         if pa.partial and pa.patch < pa.n - 1:
-            kb, vb, _ = _filled(kb, vb, None, lengths, pa.chunks, (pa.patch + 1) * pa.u)
+            kb, vb, _ = _filled(kb, vb, None, lengths, pa.chunks, (pa.patch + 1) * pa.sp)
         return F.scaled_dot_product_attention(q_, kb, vb, scale=scale)
 
-    return seq.seq_attention(q, k, v, scale, lengths, _PatchSeq(pa), sent=sent, local=against_buffer)
+    return seq.seq_attention(q, k, v, scale, lengths, _PatchSeq(pa), sent=sent, local=against_buffer, whole=True)
 
 
 def _rows(lengths: list, n: int, p: int, device) -> torch.Tensor:

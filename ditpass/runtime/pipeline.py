@@ -150,8 +150,8 @@ class PipeFusionRunner:
         self.next = ranks[self.s + 1] if self.s < self.N - 1 else None
         self.last = ranks[-1]
         self.group = _resolve(placement.group("pipefusion"))
-        self.u, self.uly_rank = placement.degrees["ulysses"], placement.coords["ulysses"]
-        self.uly_group = _resolve(placement.group("ulysses"))
+        self.sp, self.sp_rank = placement.degree("sp"), placement.coord("sp")  # ring x ulysses, ring-major
+        self.sp_group = _resolve(placement.group("sp"))
         self._shapes: dict = {}  # (mode, "recv" | "out") -> [(shape, dtype)]
         self._seen_generation = None
         self._last_step = None  # (generation, step) of the last call
@@ -197,7 +197,7 @@ class PipeFusionRunner:
         nxt = self._post_recv("patch", self.n_recv_part) if self.prev is not None else None
         for m in range(self.M):
             self.patch.mode = "patch"
-            self.patch.index.fill_(m * self.u + self.uly_rank)  # this rank's chunk of patch m
+            self.patch.index.fill_(m * self.sp + self.sp_rank)  # this rank's chunk of patch m
             recv = []
             if nxt is not None:
                 recv = self._wait(nxt)
@@ -216,20 +216,20 @@ class PipeFusionRunner:
             for i, dim, k in self.patch_outputs:
                 lengths = done[0][extra:extra + k]
                 extra += k
-                tail_in[i] = assemble(self._chunks([d[i] for d in done]), dim, lengths, self.M * self.u)
+                tail_in[i] = assemble(self._chunks([d[i] for d in done]), dim, lengths, self.M * self.sp)
             final = list(self._run_tail(*flat, *tail_in))
         return self._bcast("patch", final)
 
     def _chunks(self, mine: list) -> list:
-        """Every chunk in order from this rank's chunk of each patch: under Ulysses, patch m's u chunks
-        are all-gathered from the Ulysses ranks of this stage."""
-        if self.u == 1:
+        """Every chunk in order from this rank's chunk of each patch: under sequence parallelism, patch m's
+        chunks are all-gathered from the stage's sequence ranks (ring-major, as the chunks are numbered)."""
+        if self.sp == 1:
             return mine
         out = []
         for x in mine:
             x = x.contiguous()
-            parts = [torch.empty_like(x) for _ in range(self.u)]
-            dist.all_gather(parts, x, group=self.uly_group)
+            parts = [torch.empty_like(x) for _ in range(self.sp)]
+            dist.all_gather(parts, x, group=self.sp_group)
             out.extend(parts)
         return out
 

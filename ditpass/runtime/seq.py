@@ -231,7 +231,7 @@ def ulysses_send(q, k, v, u: int, ulysses_group: str):
     return _c10d.all_to_all_single(qkv.contiguous(), splits, splits, ulysses_group)
 
 
-def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None, local=None):
+def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None, local=None, whole: bool = False):
     """Exact attention over a sequence sharded on dim 2 of ``q, k, v`` ([B, H, S, D]) as strategy ``s``
     (`ditpass.runtime.sites.SeqAttention`: degrees, this rank's coordinates, group names) says.
 
@@ -242,7 +242,9 @@ def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None, local=
 
     ``local(q, k, v, mask, lengths, n, srcs)``, where given (DiTFastAttn, `ditpass.runtime.fastattn`), replaces
     the attention of the gathered sequence when ``r == 1``: q with its pad slots, k/v compacted, in the layout
-    of the ranks ``srcs``.
+    of the ranks ``srcs``. ``whole`` (PipeFusion's K/V buffer): with ring too, gather the ring's K/V first and
+    call ``local`` once over every source. ``s.base`` (default 0) offsets the source chunks (PipeFusion's patch
+    ``m`` is chunks ``m * n_sp ..``).
     """
     u, r, n = s.u, s.r, s.n
     B, H, S, D = q.shape
@@ -254,10 +256,22 @@ def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None, local=
         qkv = qkv.transpose(0, 1).reshape(B, u * S, 3, h, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, h, u*S, D]
     uly_ranks = list(range(u)) if u > 1 else [s.ulysses_rank]
+    base = getattr(s, "base", 0)
     # a mask is in global order; pick the rows of our queries and the columns of each key chunk
-    rows = None if mask is None else _positions(lengths, n, [s.ring_rank * u + i for i in uly_ranks], False, q.device)
-    if r == 1:
-        srcs = [s.ring_rank * u + i for i in uly_ranks]
+    rows = None if mask is None else _positions(lengths, n, [base + s.ring_rank * u + i for i in uly_ranks], False,
+                                                q.device)
+    if r > 1 and whole and local is not None:  # every ring rank's K/V here, then one local call
+        kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)])  # [2, B, u*S, h, D], token-major
+        kv = all_gather(kv, r, s.ring_group).view(r, 2, B, k.shape[2], k.shape[1], D).transpose(3, 4)
+        srcs = [base + j * u + i for j in range(r) for i in uly_ranks]
+        ks = torch.cat([_compact(kv[j, 0], lengths, n, srcs[j * len(uly_ranks):(j + 1) * len(uly_ranks)])
+                        for j in range(r)], 2)
+        vs = torch.cat([_compact(kv[j, 1], lengths, n, srcs[j * len(uly_ranks):(j + 1) * len(uly_ranks)])
+                        for j in range(r)], 2)
+        m = None if mask is None else _mask_for(mask, rows, _positions(lengths, n, srcs, True, q.device))
+        out = local(q, ks, vs, m, lengths, n, srcs)
+    elif r == 1:
+        srcs = [base + s.ring_rank * u + i for i in uly_ranks]
         m = None if mask is None else _mask_for(mask, rows, _positions(lengths, n, srcs, True, q.device))
         if local is not None:
             out = local(q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), m, lengths, n, srcs)
@@ -270,7 +284,7 @@ def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None, local=
         kv = kv.view(r, 2, B, k.shape[2], k.shape[1], D).transpose(3, 4)  # [r, 2, B, h, u*S, D]
         acc, lse = None, None
         for j in range(r):
-            srcs = [j * u + i for i in uly_ranks]
+            srcs = [base + j * u + i for i in uly_ranks]
             kj, vj = _compact(kv[j, 0], lengths, n, srcs), _compact(kv[j, 1], lengths, n, srcs)
             if kj.shape[2] == 0:
                 continue

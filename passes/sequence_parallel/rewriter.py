@@ -64,7 +64,7 @@ class _Rewriter:
         self.patch_blocks = patch_blocks  # patch mode: the blocks that run patch by patch
         self.patch_outputs: list[tuple[int, int, int]] = []  # (output index, token dim, number of lengths)
         if patch is not None:
-            self.n, self.p = patch.chunks, patch_index  # chunks: patches x Ulysses ranks in each
+            self.n, self.p = patch.chunks, patch_index  # chunks: patches x sequence ranks in each
         else:
             self.n, self.p = pl.degree("sp"), pl.coord("sp")  # p: ring-major index among the n sequence ranks
         self.sp_group = pl.group("sp")
@@ -525,8 +525,8 @@ class _Rewriter:
             raise _Fallback("different head counts for q and k")
         st = self.seq
         if self.patch is not None:  # a mask stays whole (global order): the op picks this patch's rows
-            if self.patch.u > 1 and mask is not None:
-                raise _Fallback("attention mask under PipeFusion x Ulysses")
+            if self.patch.sp > 1 and mask is not None:
+                raise _Fallback("attention mask under PipeFusion x sequence parallelism")
             with self.g.inserting_before(node):
                 kwargs["lengths"] = self.lengths(lq.segs, node)
                 if self.patch.u > 1:
