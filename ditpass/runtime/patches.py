@@ -146,7 +146,7 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
                 kb[:, :, g:g + real].copy_(k[:, :, loc:loc + real])
                 vb[:, :, g:g + real].copy_(v[:, :, loc:loc + real])
         if mask is not None and mask.shape[-2] != 1:  # the mask is whole (global order): this patch's rows
-            mask = mask.index_select(-2, _rows(lengths, pa.n, p, mask.device))
+            mask = mask.index_select(-2, seq._positions(lengths, pa.n, [p], False, mask.device))  # pads: last token
         if pa.partial and p < pa.n - 1:
             kb, vb, mask = _filled(kb, vb, mask, lengths, pa.n, p + 1)
         return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale)
@@ -164,16 +164,6 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
         return F.scaled_dot_product_attention(q_, kb, vb, scale=scale)
 
     return seq.seq_attention(q, k, v, scale, lengths, _PatchSeq(pa), sent=sent, local=against_buffer, whole=True)
-
-
-def _rows(lengths: list, n: int, p: int, device) -> torch.Tensor:
-    """Global positions of chunk ``p``'s query slots (pad slots: their segment's last token)."""
-    pieces, off = [], 0
-    for L in lengths:
-        c = chunk_len(L, n)
-        pieces.append((torch.arange(c, device=device) + p * c).clamp(max=L - 1) + off)
-        off += L
-    return torch.cat(pieces)
 
 
 def patch_of(x: torch.Tensor, dim: int, lengths: list, n: int, p: int) -> torch.Tensor:
