@@ -23,6 +23,7 @@ from ditpass.runtime import fastattn as fa
 from ditpass.runtime.sites import SiteTable
 from ditpass.runtime.state import RunState
 
+from cli_utils import run_generate, saved_images
 from dist_utils import first_output, run_forked
 from tiny_models import tiny_flux
 
@@ -284,17 +285,9 @@ def test_two_processes_ulysses_and_cfg_equal_one(tmp_path):
 
 def _cli(tmp_path, name, *flags, nproc=1):
     out = tmp_path / name
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                if nproc > 1 else [sys.executable])
-    cmd = launcher + ["-m", "ditpass", "generate", "--prompt", "3", "7", "--num_inference_steps", "6",
-                      "--output_dir", str(out), *flags]
-    env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    proc = run_generate(out, *flags, nproc=nproc, steps=6, timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    files = json.loads((out / "last_run.json").read_text())["files"]
-    from PIL import Image
-
-    return proc, out, [np.asarray(Image.open(f), dtype=np.int16) for f in files]
+    return proc, out, saved_images(out)
 
 
 @needs_digits

@@ -1,32 +1,19 @@
 """`ditpass generate` as a user runs it: the real command, one process and two (torchrun, gloo)."""
 from __future__ import annotations
 
-import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
-from PIL import Image
+
+from cli_utils import run_generate, saved_images
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "weights")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
 def _generate(tmp_path, name, *flags, nproc=1):
     out = tmp_path / name
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                if nproc > 1 else [sys.executable])
-    cmd = launcher + ["-m", "ditpass", "generate", "--prompt", "3", "7", "--num_inference_steps", "8",
-                      "--output_dir", str(out), *flags]
-    proc = subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
-    return proc, out
-
-
-def _images(out):
-    files = json.loads((out / "last_run.json").read_text())["files"]
-    return [np.asarray(Image.open(f), dtype=np.int16) for f in files]
+    return run_generate(out, *flags, nproc=nproc), out
 
 
 @pytest.mark.skipif(not os.path.isdir(WEIGHTS), reason="built-in digits weights not present")
@@ -42,7 +29,7 @@ def test_generate_one_and_two_processes_same_pictures(tmp_path):
                          "--warmup_steps", "8", nproc=2)
     assert pf.returncode == 0, pf.stderr[-2000:]
     assert "Plan(pipefusion=2, patches=4, warmup_steps=8) on 2 process(es)" in pf.stdout
-    a, b, c = _images(out1), _images(out2), _images(out3)
+    a, b, c = saved_images(out1), saved_images(out2), saved_images(out3)
     assert len(a) == len(b) == len(c) == 2
     for x, y, z in zip(a, b, c):
         assert x.shape == y.shape == z.shape and np.abs(x - y).max() <= 1  # PNG rounding of float noise

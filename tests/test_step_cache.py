@@ -4,8 +4,6 @@ every rank and as one process does, the digits pipeline through ``ditpass genera
 from __future__ import annotations
 
 import os
-import subprocess
-import sys
 
 import pytest
 import torch
@@ -15,6 +13,7 @@ from ditpass.errors import PlanError
 from ditpass.models import zoo
 from ditpass.runtime.step_cache import forecast
 
+from cli_utils import run_generate, saved_images
 from dist_utils import run_forked
 
 FLUX = "FluxTransformer2DModel"  # tiny: 2 + 2 blocks, image and text streams
@@ -194,23 +193,13 @@ def test_refusals():
 
 
 WEIGHTS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "weights")
-ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
-
-
 def _generate(tmp_path, name, *flags, nproc=1):
-    launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
-                if nproc > 1 else [sys.executable])
-    cmd = launcher + ["-m", "ditpass", "generate", "--prompt", "3", "7", "--num_inference_steps", "8",
-                      "--output_dir", str(tmp_path / name), *flags]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=600)
+    return run_generate(tmp_path / name, *flags, nproc=nproc)
 
 
 @pytest.mark.skipif(not os.path.isdir(WEIGHTS), reason="built-in digits weights not present")
 def test_digits_generate_with_the_cache_alone_and_with_cfg_parallel(tmp_path):
-    import json
-
     import numpy as np
-    from PIL import Image
 
     flags = ["--cache_method", "taylorseer", "--cache_threshold", "0.2"]
     one = _generate(tmp_path, "one", *flags)
@@ -220,10 +209,7 @@ def test_digits_generate_with_the_cache_alone_and_with_cfg_parallel(tmp_path):
     two = _generate(tmp_path, "cfg", *flags, "--use_cfg_parallel", nproc=2)
     assert two.returncode == 0, two.stderr[-2000:]
     assert "step cache (transformer): 6 of 8 steps computed, 2 reused (steps [1, 4])" in two.stdout
-    images = []
-    for name in ("one", "cfg"):
-        files = json.loads((tmp_path / name / "last_run.json").read_text())["files"]
-        images.append([np.asarray(Image.open(f), dtype=np.int16) for f in files])
+    images = [saved_images(tmp_path / name) for name in ("one", "cfg")]
     for a, b in zip(*images):
         assert np.abs(a - b).max() <= 1  # PNG rounding of float noise
 
