@@ -46,6 +46,17 @@ class PatchAttention:
         self.partial = False
         self.state = state
         self._own: dict[str, torch.Tensor] = {}
+        self._pos: dict[tuple, torch.Tensor] = {}
+
+    def positions(self, lengths: list, n: int, srcs: list, compact: bool, device) -> torch.Tensor:
+        """`seq._positions`, made once per layout: every call of every site of a step asks for the same few."""
+        key = (tuple(int(L) for L in lengths), n, tuple(srcs), compact, str(device))
+        pos = self._pos.get(key)
+        if pos is None:
+            from . import seq
+
+            pos = self._pos[key] = seq._positions(list(key[0]), n, list(srcs), compact, device)
+        return pos
 
     @property
     def sp(self) -> int:
@@ -129,7 +140,7 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
 
         def write_all(q_, k_, v_, m_, lengths_, n_, srcs):  # Ulysses gathered every token of our heads
             kb, vb = pa.buffers(site.site, k_, v_, sum(int(L) for L in lengths_))
-            pos = seq._positions([int(L) for L in lengths_], n_, srcs, True, k_.device)  # to global order
+            pos = pa.positions(lengths_, n_, srcs, True, k_.device)  # to global order
             kb.index_copy_(2, pos, k_)
             vb.index_copy_(2, pos, v_)
             return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m_, scale=scale)
@@ -146,7 +157,7 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
                 kb[:, :, g:g + real].copy_(k[:, :, loc:loc + real])
                 vb[:, :, g:g + real].copy_(v[:, :, loc:loc + real])
         if mask is not None and mask.shape[-2] != 1:  # the mask is whole (global order): this patch's rows
-            mask = mask.index_select(-2, seq._positions(lengths, pa.n, [p], False, mask.device))  # pads: last token
+            mask = mask.index_select(-2, pa.positions(lengths, pa.n, [p], False, mask.device))  # pads: last token
         if pa.partial and p < pa.n - 1:
             kb, vb, mask = _filled(kb, vb, mask, lengths, pa.n, p + 1)
         return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale)
@@ -156,7 +167,7 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
 
     def against_buffer(q_, k_, v_, m_, lengths_, n_, srcs):  # the patch's tokens, our heads
         kb, vb = pa.buffers(site.site, k_, v_, total)
-        pos = seq._positions(lengths, n_, srcs, True, k_.device)
+        pos = pa.positions(lengths, n_, srcs, True, k_.device)
         kb.index_copy_(2, pos, k_)
         vb.index_copy_(2, pos, v_)
         if pa.partial and pa.patch < pa.n - 1:
