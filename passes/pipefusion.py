@@ -125,7 +125,6 @@ class PipeFusion(GraphPass):
                  f"({len(cut.blocks[me])} blocks); {len(sites)} attention sites keep a full-sequence K/V buffer; "
                  f"warm-up steps: {plan.warmup_steps}; the pipeline fills and drains within each transformer call "
                  f"({M}/({M}+{N}-1) = {M / (M + N - 1):.0%} of the ideal; pipelining across steps is not built)"]
-        schedule = _schedule_text(N, M)
         T = M + N - 1
         picture = Table(f"patch schedule of one step after warm-up: stage x time slot (p<m>: patch m; "
                         f"{M}/{T} slots busy per stage)", ["stage", *(str(t) for t in range(T))],
@@ -134,18 +133,8 @@ class PipeFusion(GraphPass):
                           details={"stages": [list(b) for b in cut.blocks], "patches": M,
                                    "params": [sum(cut.costs[b] for b in bs) for bs in cut.blocks],
                                    "sent_bytes": sends, "patch_sites": len(sites),
-                                   "patch_outputs": list(rw.patch_outputs), "schedule": schedule})
+                                   "patch_outputs": list(rw.patch_outputs)})
 
 
 def _mb(b) -> str:
     return f"{b / 2**20:.2f} MiB"
-
-
-def _schedule_text(N: int, M: int) -> str:
-    """The patch schedule of one step, stages x time slots: ``p<m>`` where stage s computes patch m."""
-    T = M + N - 1
-    lines = ["slot     " + " ".join(f"{t:>3}" for t in range(T))]
-    for s in range(N):
-        cells = [f"p{t - s:<2}" if 0 <= t - s < M else " . " for t in range(T)]
-        lines.append(f"stage {s}  " + " ".join(cells))
-    return "\n".join(lines)
