@@ -47,6 +47,7 @@ __all__ = [
     "GUARDED",
     "build",
     "config",
+    "add_size",
     "make_inputs",
     "dynamic_dims",
     "describe",
@@ -327,6 +328,17 @@ def _sizes(name: str) -> list[str]:
 
 
 SIZES: dict[str, list[str]] = {n: list(_CONFIGS[n]) for n in NAMES}
+
+
+def add_size(name: str, size: str, cfg: dict) -> None:
+    """Make a config of a zoo class usable like the zoo's own sizes (``build``, ``make_inputs``,
+    ``dynamic_dims``): e.g. the config.json of a user's saved model (keys starting with ``_`` dropped).
+    Its default geometry is the ``full`` size's."""
+    if name not in NAMES:
+        raise KeyError(f"unknown zoo model {name!r}; choose one of {NAMES}")
+    _CONFIGS[name][size] = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if size not in SIZES[name]:
+        SIZES[name].append(size)
 
 
 def config(name: str, size: str = "tiny") -> dict:

@@ -15,13 +15,15 @@ __all__ = ["ENV", "run_generate", "saved_images"]
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONWARNINGS": "ignore"}
 
 
-def run_generate(out_dir, *flags, nproc: int = 1, steps: int = 8, timeout: float = 600):
-    """``ditpass generate --prompt 3 7 --num_inference_steps <steps> --output_dir <out_dir> <flags>``."""
+def run_generate(out_dir, *flags, nproc: int = 1, steps: int = 8, timeout: float = 600, warnings: bool = False):
+    """``ditpass generate --prompt 3 7 --num_inference_steps <steps> --output_dir <out_dir> <flags>``;
+    ``warnings=True``: Python's warnings are not silenced (a test of what a user's terminal shows)."""
     launcher = ([sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(nproc)]
                 if nproc > 1 else [sys.executable])
     cmd = launcher + ["-m", "ditpass", "generate", "--prompt", "3", "7", "--num_inference_steps", str(steps),
                       "--output_dir", str(out_dir), *flags]
-    return subprocess.run(cmd, env=ENV, capture_output=True, text=True, timeout=timeout)
+    env = {k: v for k, v in ENV.items() if not (warnings and k == "PYTHONWARNINGS")}
+    return subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=timeout)
 
 
 def saved_images(out_dir) -> list:

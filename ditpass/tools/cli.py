@@ -18,6 +18,7 @@ from __future__ import annotations
 import argparse
 import difflib
 import json
+import os
 import sys
 import time
 
@@ -29,14 +30,49 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     try:
         return args.func(args) or 0
-    except _UsageError as e:
-        parser.exit(2, f"ditpass {args.command}: error: {e}\n")
     except KeyboardInterrupt:
         return 130
+    except Exception as e:  # a user's mistake is one line and exit status 2; anything else is a bug: traceback
+        if not isinstance(e, _user_errors()):
+            raise
+        rank = os.environ.get("RANK")
+        where = f" (rank {rank})" if rank is not None and os.environ.get("WORLD_SIZE", "1") != "1" else ""
+        _shutdown_distributed()
+        _tell_launcher(e)
+        parser.exit(2, f"ditpass {args.command}{where}: error: {e}\n")
 
 
 class _UsageError(Exception):
     """A bad argument; printed as one line, exit status 2."""
+
+
+def _user_errors() -> tuple[type, ...]:
+    """The exception classes that mean "the input is wrong", from the modules that the command imported (none
+    is imported here: ``ditpass --help`` stays instant)."""
+    found = [_UsageError]
+    for module, name in (("ditpass.tools.generate", "GenerateError"), ("ditpass.errors", "PlanError"),
+                         ("ditpass.pass_base", "PassError"), ("ditpass.capture", "CaptureError")):
+        cls = getattr(sys.modules.get(module), name, None)
+        if cls is not None:
+            found.append(cls)
+    return tuple(found)
+
+
+def _tell_launcher(e: Exception) -> None:
+    """Under torchrun, leave the one line in the worker's error file (torch.distributed.elastic's format): the
+    launcher's failure report then shows it as the root cause instead of "To enable traceback see ..."."""
+    path = os.environ.get("TORCHELASTIC_ERROR_FILE")
+    if path:
+        line = f"{type(e).__name__}: {e}"
+        with open(path, "w") as f:
+            json.dump({"message": {"message": line, "extraInfo": {"py_callstack": line,
+                                                                  "timestamp": str(int(time.time()))}}}, f)
+
+
+def _shutdown_distributed() -> None:
+    dist = sys.modules.get("torch.distributed")
+    if dist is not None and dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -75,14 +111,34 @@ def _add_run(sub) -> None:
 # ---- inspect ----------------------------------------------------------------------------------
 
 
+class _ZooHelp(argparse.HelpFormatter):
+    """``inspect --help`` lists the zoo's names (imported only when that help is shown)."""
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        if "--model" in action.option_strings:
+            from ditpass.models.zoo import NAMES
+
+            text += "; the zoo: " + ", ".join(NAMES)
+        return text
+
+
 def _add_inspect(sub) -> None:
-    p = sub.add_parser("inspect", help="capture and analyse a zoo model, optionally dry-run a plan, and explain",
-                       description="Capture a model of the zoo (ditpass.models), analyse it and print what ditpass "
-                                   "sees; with --plan, run the passes as rank 0 of the plan's world (dry run: "
-                                   "nothing is executed).")
-    p.add_argument("--model", required=True, help="zoo class name, e.g. FluxTransformer2DModel")
-    p.add_argument("--size", default="tiny", help="tiny (default), full, or another size the zoo has for the model")
-    p.add_argument("--plan", help='degrees such as "ulysses=2,ring=2", or the path of a JSON plan')
+    p = sub.add_parser("inspect", help="capture and analyse a model (the zoo's or your own), optionally dry-run a "
+                                       "plan, and explain", formatter_class=_ZooHelp,
+                       description="Capture a model, analyse it and print what ditpass sees; with --plan, run the "
+                                   "passes as rank 0 of the plan's world (dry run: nothing is executed).")
+    p.add_argument("--model", required=True,
+                   help="a zoo class name (e.g. FluxTransformer2DModel), a saved diffusers model or pipeline folder "
+                        "(its transformer/ subfolder is used), or module:Class (with --config, and --inputs for a "
+                        "class the zoo has no input builder for)")
+    p.add_argument("--config", metavar="CONFIG.json", help="init config of a module:Class model (default: its defaults)")
+    p.add_argument("--inputs", metavar="module:function",
+                   help="builds the forward's keyword inputs of a model the zoo does not know: "
+                        "function(model, device=, dtype=, height=, width=, frames=, text_len=) -> dict "
+                        "(the sizes given on the command line only)")
+    p.add_argument("--size", default="tiny", help="zoo models: tiny (default), full, or another size the zoo has")
+    p.add_argument("--plan", help='degrees such as "ulysses=2,ring=2", or the path of a JSON plan (or last_run.json)')
     p.add_argument("--height", type=int, help="image height in pixels (default: the zoo's for this size)")
     p.add_argument("--width", type=int, help="image width in pixels")
     p.add_argument("--frames", type=int, help="video frames as decoded (video models)")
@@ -100,6 +156,93 @@ def _add_inspect(sub) -> None:
     p.set_defaults(func=_inspect)
 
 
+def _check_inspect_args(args) -> None:
+    for name in ("height", "width", "frames", "text_len"):
+        v = getattr(args, name)
+        if v is not None and v < 1:
+            raise _UsageError(f"--{name.replace('_', '-')} {v}: must be >= 1")
+    if args.device not in ("meta", "cpu"):
+        raise _UsageError(f"--device {args.device!r}: use meta (nothing runs) or cpu")
+    for flag, path in (("--svg", args.svg), ("--json", args.json)):  # a bad output path fails now, not after the work
+        folder = os.path.dirname(os.path.abspath(path)) if path else None
+        if folder and not (os.path.isdir(folder) and os.access(folder, os.W_OK)):
+            raise _UsageError(f"{flag} {path}: the folder {folder} does not exist or is not writable")
+
+
+def _user_model(args, dtype, geometry):
+    """``--model`` as a folder or ``module:Class``: (model, inputs, dynamic_shapes, notes, size label)."""
+    import importlib
+
+    import torch
+
+    from ditpass.models import zoo
+
+    notes: list[str] = []
+    if os.path.isdir(args.model):
+        folder = args.model
+        sub = os.path.join(folder, "transformer")
+        if os.path.isfile(os.path.join(sub, "config.json")):
+            folder = sub
+        if not os.path.isfile(os.path.join(folder, "config.json")):
+            raise _UsageError(f"--model {args.model}: no config.json there (nor in its transformer/ subfolder)")
+        with open(os.path.join(folder, "config.json")) as f:
+            cfg = json.load(f)
+        name = cfg.get("_class_name")
+        import diffusers
+
+        cls = getattr(diffusers, name or "", None)
+        if cls is None:
+            raise _UsageError(f"--model {args.model}: config.json names class {name!r}, which diffusers "
+                              f"{diffusers.__version__} does not have")
+        notes.append(f"model: {name} from {folder}")
+    else:
+        module_name, _, class_name = args.model.partition(":")
+        try:
+            cls = getattr(importlib.import_module(module_name), class_name)
+        except (ImportError, AttributeError) as e:
+            raise _UsageError(f"--model {args.model}: cannot import it ({e}); give module:Class") from None
+        cfg = {}
+        if args.config:
+            with open(args.config) as f:
+                cfg = json.load(f)
+        folder, name = None, cls.__name__
+        notes.append(f"model: {args.model}" + (f" with {args.config}" if args.config else " with its default config"))
+    init = {k: v for k, v in cfg.items() if not k.startswith("_")}
+    if args.device == "meta":
+        with torch.device("meta"):
+            model = cls.from_config(init) if hasattr(cls, "from_config") else cls(**init)
+        notes.append("weights: none (meta device)")
+    elif folder is not None and any(f.endswith((".safetensors", ".bin")) for f in os.listdir(folder)):
+        model = cls.from_pretrained(folder, torch_dtype=dtype)
+        notes.append("weights: the folder's")
+    else:
+        model = cls.from_config(init) if hasattr(cls, "from_config") else cls(**init)
+        notes.append("weights: random (none saved)")
+    model = torch.nn.Module.to(model, dtype=dtype).eval()  # (diffusers' own .to warns about fp32 modules here)
+    if args.inputs:
+        module_name, _, fn_name = args.inputs.partition(":")
+        try:
+            fn = getattr(importlib.import_module(module_name), fn_name)
+        except (ImportError, AttributeError) as e:
+            raise _UsageError(f"--inputs {args.inputs}: cannot import it ({e}); give module:function") from None
+        given = {k: v for k, v in geometry.items() if v is not None}
+        inputs = fn(model, device=args.device, dtype=dtype, **given)
+        return model, inputs, "auto", notes + [f"inputs: {args.inputs}", "symbolic dims: auto"], "custom"
+    if name not in zoo.NAMES:
+        raise _UsageError(f"--model {args.model}: {name} has no input builder in the zoo; give --inputs "
+                          f"module:function that returns its forward's keyword inputs")
+    label = "user"
+    zoo.add_size(name, label, init)
+    inputs = zoo.make_inputs(name, label, device=args.device, dtype=dtype, **geometry)
+    try:
+        spec = zoo.dynamic_dims(name, label, **geometry)
+        notes.append("inputs and symbolic dims: the zoo's builders for " + name)
+    except Exception as e:  # noqa: BLE001 - falls back to automatic dims, and says so
+        spec = "auto"
+        notes.append(f"symbolic dims: auto (the zoo's dynamic_dims failed: {type(e).__name__}: {e})")
+    return model, inputs, spec, notes, label
+
+
 def _inspect(args) -> int:
     import torch
 
@@ -107,37 +250,47 @@ def _inspect(args) -> int:
     from ditpass.tools.explain import dry_run, explain
     from ditpass.models import NAMES, SIZES, build, dynamic_dims, make_inputs
     from ditpass.pass_base import PassError
-    from ditpass.plan import Plan, PlanError
+    from ditpass.plan import PlanError
+    from ditpass.tools.generate import parse_plan
 
-    if args.model not in NAMES:
+    _check_inspect_args(args)
+    zoo_model = args.model in NAMES
+    if not zoo_model and not os.path.isdir(args.model) and ":" not in args.model:
         close = difflib.get_close_matches(args.model, NAMES, n=1, cutoff=0.5)
         hint = f" (did you mean {close[0]}?)" if close else ""
-        raise _UsageError(f"unknown model {args.model!r}{hint}; the zoo has: {', '.join(NAMES)}")
-    if args.size not in SIZES[args.model]:
+        raise _UsageError(f"unknown model {args.model!r}{hint}: give a zoo name ({', '.join(NAMES)}), a saved "
+                          "diffusers folder, or module:Class")
+    if zoo_model and args.size not in SIZES[args.model]:
         raise _UsageError(f"{args.model} has sizes {', '.join(SIZES[args.model])}, not {args.size!r}")
     plan = None
     if args.plan:
         try:
-            plan = Plan.parse(args.plan)
+            plan = parse_plan(args.plan)
         except (PlanError, OSError) as e:
             raise _UsageError(f"--plan: {e}") from None
-    dtype = getattr(torch, args.dtype or ("float32" if args.size == "tiny" else "bfloat16"))
+    tiny = zoo_model and args.size == "tiny"
+    dtype = getattr(torch, args.dtype or ("float32" if tiny or args.device == "cpu" else "bfloat16"))
     geometry = dict(height=args.height, width=args.width, frames=args.frames, text_len=args.text_len)
     timings: dict[str, float] = {}
     notes: list[str] = []
 
     t0 = time.perf_counter()
     try:
-        model = build(args.model, args.size, device=args.device, dtype=dtype)
-        inputs = make_inputs(args.model, args.size, device=args.device, dtype=dtype, **geometry)
+        if zoo_model:
+            model = build(args.model, args.size, device=args.device, dtype=dtype)
+            inputs = make_inputs(args.model, args.size, device=args.device, dtype=dtype, **geometry)
+            size = args.size
+            try:
+                spec = dynamic_dims(args.model, args.size, **geometry)
+                notes.append("symbolic dims: the zoo's dynamic_dims")
+            except Exception as e:  # noqa: BLE001 - any failure falls back to automatic dims, and says so
+                spec = "auto"
+                notes.append(f"symbolic dims: auto (the zoo's dynamic_dims failed: {type(e).__name__}: {e})")
+        else:
+            model, inputs, spec, more, size = _user_model(args, dtype, geometry)
+            notes += more
     except ValueError as e:
         raise _UsageError(str(e)) from None
-    try:
-        spec = dynamic_dims(args.model, args.size, **geometry)
-        notes.append("symbolic dims: the zoo's dynamic_dims")
-    except Exception as e:  # noqa: BLE001 - any failure falls back to automatic dims, and says so
-        spec = "auto"
-        notes.append(f"symbolic dims: auto (the zoo's dynamic_dims failed: {type(e).__name__}: {e})")
     timings["build"] = time.perf_counter() - t0
 
     t = time.perf_counter()
@@ -169,12 +322,12 @@ def _inspect(args) -> int:
         from ditpass.tools.render import to_svg
 
         what = f"{plan}, dry run as rank 0 of {plan.world_size}" if plan is not None else "captured graph"
-        to_svg(gm, args.svg, title=f"{args.model} ({args.size}, {str(dtype).replace('torch.', '')}): {what}")
+        to_svg(gm, args.svg, title=f"{type(model).__name__} ({size}, {str(dtype).replace('torch.', '')}): {what}")
         timings["svg"] = time.perf_counter() - t
     timings["total"] = time.perf_counter() - t0
 
     exp.header["dtype"] = str(dtype).replace("torch.", "")
-    exp.header["size"] = args.size
+    exp.header["size"] = size
     exp.header["device"] = args.device
     exp.header["notes"] = notes + [
         "timings: " + ", ".join(f"{k} {v:.1f} s" for k, v in timings.items())]

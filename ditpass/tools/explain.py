@@ -45,7 +45,9 @@ def dry_run(captured, plan, rank: int = 0):
     `ditpass.tools.render.to_svg`), not for calling."""
     from ditpass.build import build
     from ditpass.mesh import ParallelDims
+    from ditpass.passes.registry import check_built
 
+    check_built(plan)  # what parallelize refuses, the dry run refuses too
     if not captured.whole:
         raise ValueError(f"{type(captured.module).__name__} was captured in pieces ({captured.method}); "
                          "the passes need one whole graph")

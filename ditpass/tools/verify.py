@@ -6,17 +6,16 @@ reference and the parallelized one, and rank 0 prints the explanation and one su
 from __future__ import annotations
 
 import argparse
+import difflib
 import json
 import os
 import time
-
-import torch
 
 __all__ = ["add_arguments", "run"]
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--model", default="FluxTransformer2DModel", help="zoo name (see ditpass inspect --help)")
+    p.add_argument("--model", default="FluxTransformer2DModel", help="zoo name (ditpass inspect --help lists them)")
     p.add_argument("--size", default="tiny", help="tiny (random weights, CPU-friendly) or full")
     p.add_argument("--plan", default="", help='e.g. "ulysses=2,ring=2" or a plan JSON file')
     p.add_argument("--device", default="cpu", help="cpu or cuda")
@@ -43,14 +42,47 @@ def _timed(fn, iters, sync):
     return out, ts[len(ts) // 2]
 
 
+def _check(args):
+    """Model, size, device and plan against the processes there are: one line each, before anything loads."""
+    import torch
+
+    from ditpass.models import zoo
+    from ditpass.plan import Plan, PlanError
+    from ditpass.tools.generate import GenerateError, check_world, parse_plan
+
+    if args.model not in zoo.NAMES:
+        close = difflib.get_close_matches(args.model, zoo.NAMES, n=1, cutoff=0.5)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise GenerateError(f"--model {args.model!r} is not in the zoo{hint}; it has: {', '.join(zoo.NAMES)}")
+    if args.size not in zoo.SIZES[args.model]:
+        raise GenerateError(f"--size {args.size!r}: {args.model} has {', '.join(zoo.SIZES[args.model])}")
+    if args.device not in ("cpu", "cuda"):
+        raise GenerateError(f"--device {args.device!r}: use cpu or cuda")
+    if args.device == "cuda" and not torch.cuda.is_available():
+        raise GenerateError(f"--device cuda: this torch sees no CUDA device (torch {torch.__version__})")
+    if args.iters < 1:
+        raise GenerateError(f"--iters {args.iters}: must be >= 1")
+    for name in ("height", "width", "frames", "text_len"):
+        if getattr(args, name) is not None and getattr(args, name) < 1:
+            raise GenerateError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    try:
+        plan = parse_plan(args.plan) if args.plan else Plan()
+    except (PlanError, OSError) as e:
+        raise GenerateError(f"--plan: {e}") from None
+    check_world(plan, int(os.environ.get("WORLD_SIZE", "1")), from_flags=False)
+    return plan
+
+
 def run(args) -> int:
+    import torch
     import torch.distributed as dist
 
     import ditpass
     from ditpass.mesh import init_distributed
     from ditpass.models import zoo
+    from ditpass.tools.generate import GenerateError
 
-    plan = ditpass.Plan.parse(args.plan) if args.plan else ditpass.Plan()
+    plan = _check(args)
     rank, world = init_distributed()
     if args.device == "cuda":
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
@@ -58,7 +90,10 @@ def run(args) -> int:
     size_kw = {k: v for k, v in dict(height=args.height, width=args.width, frames=args.frames,
                                      text_len=args.text_len).items() if v is not None}
     model = zoo.build(args.model, args.size, device=args.device, dtype=dtype)
-    inputs = zoo.make_inputs(args.model, args.size, device=args.device, dtype=dtype, **size_kw)
+    try:
+        inputs = zoo.make_inputs(args.model, args.size, device=args.device, dtype=dtype, **size_kw)
+    except ValueError as e:  # a size the model does not take: the zoo says what to change
+        raise GenerateError(str(e)) from None
     sync = torch.cuda.synchronize if args.device == "cuda" else (lambda: None)
 
     def first(o):
