@@ -186,3 +186,30 @@ def test_inspect_checks_outputs_first_and_refuses_what_parallelize_refuses(tmp_p
     assert status == 2 and "cuda_graphs=True is not built yet" in err
     status, _, err = _main(capsys, "inspect", "--model", "nope:Nothing")
     assert status == 2 and "cannot import it" in err
+
+
+def test_sequence_parallel_that_shards_nothing_says_so():
+    """DiT at its config size exports static token counts (models/EXPORT_NOTES.md): ulysses=2 is exact but
+    every rank computes every site whole; parallelize must not keep that quiet. FLUX shards: no warning."""
+    import warnings
+
+    import ditpass
+    from ditpass.models import zoo
+    from ditpass.passes.sequence_parallel import ReplicatedWarning
+    from ditpass.tools.explain import dry_run, explain
+
+    def dry(name):
+        cap = ditpass.capture(zoo.build(name, "tiny"), dynamic_shapes=zoo.dynamic_dims(name, "tiny"),
+                              **zoo.make_inputs(name, "tiny"))
+        with warnings.catch_warnings(record=True) as seen:
+            warnings.simplefilter("always")
+            text = str(explain(dry_run(cap, ditpass.Plan(ulysses=2))))
+        return [w for w in seen if issubclass(w.category, ReplicatedWarning)], text
+
+    seen, text = dry("DiTTransformer2DModel")
+    assert len(seen) == 1
+    msg = str(seen[0].message)
+    assert msg.startswith("2 of 2 attention sites run whole on every rank") and "transformer_blocks.0.attn1" in msg
+    assert msg in text  # explain's sequence_parallel notes say it too
+    seen, text = dry("FluxTransformer2DModel")
+    assert not seen and "run whole on every rank" not in text

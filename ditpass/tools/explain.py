@@ -273,6 +273,10 @@ def _collective(c, by_name: dict) -> dict:
 def _sig_text(sig) -> str:
     """``hidden_states[1,4096,64] bf16, ...`` from a capture signature."""
     args, kwargs = sig
+    if len(args) == 2 and args[0] in ("tuple", "list"):  # (type name, items) / ("dict", items): capture._sig
+        args = args[1]
+    if len(kwargs) == 2 and kwargs[0] == "dict":
+        kwargs = kwargs[1]
 
     def one(s):
         if isinstance(s, tuple) and len(s) == 4 and s[0] == "T":

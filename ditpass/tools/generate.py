@@ -260,8 +260,11 @@ def load_pipeline(model: str, device, dtype):
         return digits.load_pipeline(device=device, dtype=dtype)
     if os.path.isdir(model):
         from diffusers import DiffusionPipeline
+        from diffusers.pipelines import pipeline_utils
 
-        return DiffusionPipeline.from_pretrained(model, torch_dtype=dtype).to(device)
+        # diffusers 0.42 renamed torch_dtype to dtype (the old name warns); older ones know only torch_dtype
+        key = "dtype" if hasattr(pipeline_utils, "_resolve_dtype") else "torch_dtype"
+        return DiffusionPipeline.from_pretrained(model, **{key: dtype}).to(device)
     raise GenerateError(f"--model {model!r} is neither 'digits' nor a local diffusers pipeline folder (no hub downloads)")
 
 
@@ -274,12 +277,16 @@ def call_kwargs(pipe, model: str, prompts: list[str], *, negative_prompt: str | 
     params = inspect.signature(pipe.__call__).parameters
     kw: dict = {}
     if hasattr(pipe, "get_label_ids") and "class_labels" in params:  # class-conditional: prompts are labels
-        try:
-            kw["class_labels"] = pipe.get_label_ids(list(prompts))
-        except (ValueError, KeyError):
-            known = ", ".join(sorted(getattr(pipe, "labels", {}) or {}))
-            raise GenerateError(f"prompt(s) {list(prompts)}: this model draws class labels; known labels: "
-                                f"{known or '(none)'}") from None
+        labels = getattr(pipe, "labels", None) or {}
+        if not labels and all(str(p).strip().isdigit() for p in prompts):  # a saved folder keeps no label names
+            kw["class_labels"] = [int(p) for p in prompts]
+        else:
+            try:
+                kw["class_labels"] = pipe.get_label_ids(list(prompts))
+            except (ValueError, KeyError):
+                known = ", ".join(sorted(labels)) or "none: give class ids (0, 1, ...)"
+                raise GenerateError(f"prompt(s) {list(prompts)}: this model draws class labels; known labels: "
+                                    f"{known}") from None
     else:
         kw["prompt"] = list(prompts)
         if negative_prompt is not None and "negative_prompt" in params:
@@ -455,6 +462,10 @@ def run(args) -> int:
         os.environ["DITPASS_TIMEOUT"] = str(args.timeout)
     if args.verbose:
         os.environ["DITPASS_VERBOSE"] = "1"
+    else:  # diffusers' advice (install accelerate, ...) is not news to a user of ditpass generate
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
     plan = plan_from_args(args)
     world_env = int(os.environ.get("WORLD_SIZE", "1"))
     check_world(plan, world_env, from_flags=not args.plan)  # before the process group and the model: no waiting
@@ -494,9 +505,9 @@ def run(args) -> int:
         if shown and not args.no_contact_sheet:
             sheet = contact_sheet(shown, _inside(args.output_dir, os.path.join(args.output_dir, "contact_sheet.png")))
         mem = f"{torch.cuda.max_memory_allocated() / 2**30:.2f} GiB" if device.startswith("cuda") else "n/a (cpu)"
+        first = f" of which {timing['capture_s']:.2f} s first-call capture and build" if parallel else ""
         print(f"{plan} on {world} process(es): {timing['steady_step_s']:.3f} s per step steady, "
-              f"{steps} steps in {seconds:.2f} s of which {timing['capture_s']:.2f} s first-call capture and build; "
-              f"peak memory {mem}")
+              f"{steps} steps in {seconds:.2f} s{first}; peak memory {mem}")
         if calib_s is not None:
             print(f"DiTFastAttn: calibrated in {calib_s:.2f} s; plan saved {os.path.join(args.output_dir, _PLAN_FILE)}")
         caches = _step_cache_summary(pipe)

@@ -39,9 +39,9 @@ import torch.fx
 
 from ditpass.pass_base import GraphPass, PassContext, PassResult
 
-from .rewriter import _Rewriter
+from .rewriter import Sharded, _Rewriter
 
-__all__ = ["SequenceParallel"]
+__all__ = ["SequenceParallel", "ReplicatedWarning"]
 
 
 class SequenceParallel(GraphPass):
@@ -60,5 +60,38 @@ class SequenceParallel(GraphPass):
         rw.run()
         inputs = {n.name: (lay.dim, [str(s) for s in lay.segs]) for n, lay in rw.layout.items()
                   if n.op == "placeholder" and lay is not None and not isinstance(lay, list)}
-        return PassResult(self.name, True, collectives=rw.collectives, notes=rw.notes, io=rw.io(),
-                          details={"sharded_inputs": inputs})
+        notes = list(rw.notes)
+        whole = _replicated_sites(gm, rw, ctx)
+        if whole:
+            notes.insert(0, _say_replicated(whole, len(ctx.sites), rw.notes, ctx))
+        return PassResult(self.name, True, collectives=rw.collectives, notes=notes, io=rw.io(),
+                          details={"sharded_inputs": inputs, "replicated_sites": [s.module for s in whole]})
+
+
+class ReplicatedWarning(UserWarning):
+    """Sequence parallelism left attention sites whole on every rank (exact, but not parallel work)."""
+
+
+def _replicated_sites(gm, rw, ctx) -> list:
+    """The attention sites whose output is not sharded: every sequence rank computes them whole."""
+    import torch
+
+    by_node = {}
+    for node in gm.graph.nodes:
+        if node.target is torch.ops.ditpass.attention.default:
+            by_node[int(getattr(gm, node.args[3].target))] = isinstance(rw.layout.get(node), Sharded)
+    return [s for s in ctx.sites if not by_node.get(s.site, True)]
+
+
+def _say_replicated(whole, total: int, reasons, ctx) -> str:
+    """One line for ``explain`` and, on rank 0, a `ReplicatedWarning`: which sites and why."""
+    import warnings
+
+    mods = sorted({s.module or s.node for s in whole})
+    why = "; ".join(dict.fromkeys(r.split(": ", 1)[-1] for r in reasons[:3])) or "no sharded input reaches them"
+    text = (f"{len(whole)} of {total} attention sites run whole on every rank (replicated, not sharded: "
+            f"{ctx.plan.ring * ctx.plan.ulysses} sequence ranks do the same work there): "
+            f"{', '.join(mods[:4])}{', ...' if len(mods) > 4 else ''}; why: {why}")
+    if ctx.placement.rank == 0:
+        warnings.warn(text, ReplicatedWarning, stacklevel=2)
+    return text
