@@ -79,7 +79,8 @@ def build(captured, plan, placement, *, component: str = "transformer", state=No
         return Record(captured.signature, captured, None, plan, placement, runner=captured if backend else None)
     gm = copy_graph_module(captured.graph_module)
     analysis = analyze(gm)
-    validate_for_model(plan, analysis, placement.world_size)
+    if component == "transformer":
+        validate_for_model(plan, analysis, placement.world_size)
     sites = SiteTable()
     ctx = PassContext(analysis, plan, placement, sites, state)
     results = run_passes(gm, ctx, passes)
@@ -99,6 +100,8 @@ def build(captured, plan, placement, *, component: str = "transformer", state=No
 
         sc = ctx.graphs["step_cache"]  # the head, middle and tail parts, each compiled on its own
         runner = StepCacheRunner(gm, sc, sc.policy, state, compile_fn=lambda g: compile_graph(g, plan.compile))
+    elif backend and component == "vae":  # the decoder runs eagerly: its pass is for memory, once per picture
+        runner = gm
     elif backend:
         from .backend import compile_graph
 

@@ -36,6 +36,7 @@ __all__ = ["Plan", "PlanError", "COMPILE_BACKENDS", "ATTENTION_BACKENDS", "OVERR
 COMPILE_BACKENDS = ("eager", "inductor", "nexfort")
 ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
 STEP_CACHE_METHODS = ("fbcache", "taylorseer")
+CHECK_INPUTS = ("first", "always", "off")
 # key -> type its value must have in an override dict
 OVERRIDE_KEYS = {"sequence_parallel": bool, "fastattn": bool, "attention": str}
 # Mesh axes, outer to inner; the order of the degree product everywhere.
@@ -103,6 +104,14 @@ class Plan:
     # replay each input signature's whole step as one CUDA graph (collectives captured): removes
     # the per-op launch cost of host-bound steps; CUDA only, static shapes (ditpass/backend/cudagraph.py)
     cuda_graphs: bool = False
+    # decode with the VAE's feature maps in row bands over all ranks (halo rows exchanged before each
+    # convolution, group norm statistics all-reduced; exact): less memory per GPU at high resolution
+    # (passes/parallel_vae.py)
+    vae: bool = False
+    # check that every rank called the model with the same inputs (shapes, other arguments, a checksum of
+    # each tensor; one small all-gather): "first" = on the first call of each input signature, "always" =
+    # every call, "off"
+    check_inputs: str = "first"
     # ((module-path glob, {key: value}), ...) per-module settings; later wins (see module doc)
     overrides: tuple[tuple[str, dict], ...] = ()
 
@@ -287,6 +296,7 @@ class Plan:
             if not isinstance(getattr(self, name), bool):
                 raise PlanError(f"{name}={getattr(self, name)!r}: must be True or False")
         _check_choice("attention", self.attention, ATTENTION_BACKENDS)
+        _check_choice("check_inputs", self.check_inputs, CHECK_INPUTS)
         for glob, settings in self.overrides:
             for key, value in settings.items():
                 if key not in OVERRIDE_KEYS:

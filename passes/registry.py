@@ -32,7 +32,8 @@ Transformer order, and why:
    sequence-parallel collectives included) into head / middle / tail parts that the step-cache runner
    runs, so the parts get everything the passes before it did.
 
-The VAE has no passes yet (the parallel VAE is a later pass): its list is empty.
+VAE order: parallel_vae (with ``Plan.vae``: the decoder's maps in row bands over the ranks, halo rows
+before each convolution, group norm statistics all-reduced, the picture gathered; `passes/parallel_vae.py`).
 """
 from __future__ import annotations
 
@@ -46,6 +47,7 @@ from .batch_parallel import BatchParallel
 from .fastattn import FastAttn
 from .fuse_projections import FuseProjections
 from .overlap import Overlap
+from .parallel_vae import ParallelVAE
 from .pipefusion import PipeFusion
 from .sequence_parallel import SequenceParallel
 from .step_cache import StepCache
@@ -96,7 +98,7 @@ def passes_for(component: str, plan) -> list[GraphPass]:
     follow, to see or time what each does; a pass the plan needs can't be skipped."""
     check_built(plan)
     if component == "vae":
-        return []
+        return [ParallelVAE()]
     if component != "transformer":
         raise ValueError(f"unknown component {component!r}: one of {', '.join(COMPONENTS)}")
     passes = [AttentionSites(), BatchParallel(), PipeFusion(), SequenceParallel(), FastAttn(), FuseProjections(), Overlap(), Tidy(),

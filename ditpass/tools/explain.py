@@ -102,7 +102,7 @@ def explain(obj, *, graph: bool = False) -> Explanation:
     if hasattr(obj, "ditpass_records"):
         records = obj.ditpass_records
         inner = getattr(obj, "module", obj)
-        header = {"model": type(inner).__name__, "plan": str(getattr(obj, "plan", "")),
+        header = {"model": getattr(obj, "ditpass_name", type(inner).__name__), "plan": str(getattr(obj, "plan", "")),
                   "rank": getattr(obj, "rank", 0), "world_size": getattr(obj, "world_size", 1), "dry_run": False}
         if not records:
             header["status"] = "not built yet: call it once (or .build(**inputs)) to capture and rewrite"
