@@ -13,6 +13,8 @@ that runs out of memory is recorded as ``oom``. Rows (``--configs``):
 - ``plain``: ``vae.decode`` on one GPU (rank 0 only).
 - ``tiled``: ``vae.enable_tiling()`` then ``vae.decode`` (diffusers' single-GPU way to fit big pictures:
   overlapping tiles blended, so not the same picture).
+- ``distvae``: xDiT's DistVAE (``distvae.modules.adapters.vae.decoder_adapters.DecoderAdapter``, a hand-written
+  patch-parallel decoder for this VAE class) over all ranks, where it is installed and there are 2+ ranks.
 - ``ditpass``: `ditpass.vae.ParallelDecode` over all ranks (``Plan(dp=N, vae=True)``); its max abs
   difference against ``plain`` where both ran (one GPU: the same graph, no split).
 
@@ -76,7 +78,7 @@ def timed(fn, iters, sync):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--sizes", default="2048,4096")
-    ap.add_argument("--configs", default="plain,tiled,ditpass")
+    ap.add_argument("--configs", default="plain,tiled,distvae,ditpass")
     ap.add_argument("--iters", type=int, default=3)
     ap.add_argument("--tiny", action="store_true", help="a small VAE on CPU (checks the script)")
     ap.add_argument("--deadline", type=float, default=500, help="seconds; later rows are recorded as skipped")
@@ -115,6 +117,10 @@ def main():
                 rows.append(row)
                 continue
             single = cfg in ("plain", "tiled")
+            if cfg == "distvae" and world == 1:
+                row["status"] = "skipped (needs 2+ ranks)"
+                rows.append(row)
+                continue
             if single and rank != 0:
                 if world > 1:
                     dist.barrier()
@@ -126,6 +132,15 @@ def main():
                 elif cfg == "tiled":
                     vae.enable_tiling()
                     fn = lambda: vae.decode(z, return_dict=False)[0]  # noqa: E731
+                elif cfg == "distvae":
+                    from distvae.modules.adapters.vae.decoder_adapters import DecoderAdapter
+
+                    vae.disable_tiling()
+                    own = vae.decoder
+                    peer = build(args.tiny, device, dtype)  # its own copy: the adapter rewires the decoder's blocks
+                    peer.decoder.load_state_dict(own.state_dict())
+                    peer.decoder = DecoderAdapter(peer.decoder, vae_group=dist.group.WORLD)
+                    fn = lambda: peer.decode(z, return_dict=False)[0]  # noqa: E731
                 else:
                     vae.disable_tiling()
                     dec = ParallelDecode(vae, ditpass.Plan(dp=world, vae=True))
@@ -141,12 +156,12 @@ def main():
             except torch.OutOfMemoryError:
                 row["status"] = "oom"
             finally:
-                fn = dec = None  # noqa: F841
+                fn = dec = peer = None  # noqa: F841
                 if cuda:
                     torch.cuda.empty_cache()
             if single and world > 1:
                 dist.barrier()
-            if cfg == "ditpass" and world > 1:  # every rank's peak: the figure is per GPU
+            if cfg in ("ditpass", "distvae") and world > 1:  # every rank's peak: the figure is per GPU
                 peaks = [None] * world
                 dist.all_gather_object(peaks, row.get("peak_gib"))
                 row["peak_gib_per_rank"] = peaks
