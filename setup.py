@@ -11,7 +11,9 @@ setup(
     package_data={"ditpass.models": ["weights/*.safetensors", "weights/*.json"]},
     install_requires=["torch>=2.11", "diffusers>=0.35,<0.50", "sympy", "safetensors", "tqdm"],
     extras_require={
-        "test": ["pytest", "diffusers==0.42.1", "scikit-learn", "transformers"],
+        "test": ["pytest", "diffusers==0.42.1", "scikit-learn", "transformers", "fastapi", "uvicorn", "httpx",
+                 "schemathesis", "playwright"],
+        "serve": ["fastapi", "uvicorn"],
         "nexfort": ["onediff", "nexfort"],
     },
     entry_points={"console_scripts": ["ditpass=ditpass.tools.cli:main"]},

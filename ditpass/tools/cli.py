@@ -6,6 +6,8 @@ Subcommands (each an ``_add_<name>(subparsers)`` that sets ``func``; add one the
 
 - ``generate``: run a diffusers pipeline (the built-in digits model by default) under a plan built
   from xDiT's flags, save the pictures (`ditpass.tools.generate`).
+- ``serve``: an HTTP service (FastAPI on rank 0) that generates each request on every rank together under a
+  plan (`ditpass.tools.serve`).
 - ``run``: under ``torchrun``, parallelize a zoo transformer with ``--plan``, run it next to the
   single-device forward, print the explanation and the max difference (`ditpass.tools.verify`).
 - ``inspect``: build a zoo model (on the ``meta`` device by default: no weights, no memory),
@@ -81,6 +83,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_inspect(sub)
     _add_run(sub)
     _add_generate(sub)
+    _add_serve(sub)
     return parser
 
 
@@ -94,6 +97,18 @@ def _add_generate(sub) -> None:
                        description=generate.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     generate.add_arguments(p)
     p.set_defaults(func=generate.run)
+
+
+# ---- serve -----------------------------------------------------------------------------------
+
+
+def _add_serve(sub) -> None:
+    from . import serve
+
+    p = sub.add_parser("serve", help="an HTTP service that generates under a plan (rank 0 answers, every rank works)",
+                       description=serve.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    serve.add_arguments(p)
+    p.set_defaults(func=serve.run)
 
 
 # ---- run --------------------------------------------------------------------------------------
