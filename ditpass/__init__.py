@@ -12,12 +12,12 @@ import sys
 import types
 from importlib import import_module
 
-__all__ = ["Plan", "PlanError", "capture", "Captured", "CaptureError", "analyze", "parallelize", "ParallelModule",
-           "explain"]
+__all__ = ["Plan", "PlanError", "InputMismatchError", "DistributedTimeout", "capture", "Captured", "CaptureError",
+           "analyze", "parallelize", "ParallelModule", "explain"]
 
 _WHERE = {"analyze": ".analysis", "parallelize": ".api", "ParallelModule": ".module", "CaptureError": ".capture",
           "Captured": ".capture", "capture": ".capture", "explain": ".tools.explain", "Plan": ".plan",
-          "PlanError": ".plan"}
+          "PlanError": ".plan", "InputMismatchError": ".errors", "DistributedTimeout": ".errors"}
 
 
 def __getattr__(name: str):

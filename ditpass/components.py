@@ -6,9 +6,10 @@
 No per-pipeline code. The pipeline's components are taken by role (`roles`): ``transformer`` (the
 denoisers: ``pipe.transformer``, and ``pipe.transformer_2`` where a pipeline has two, e.g. Wan 2.2) and
 ``vae``. The transformers are wrapped (`ditpass.ParallelModule`, which builds them with
-``passes_for("transformer", plan)``); the registry lists no VAE pass yet (``passes_for("vae", plan)`` is
-empty), so the VAE runs as it is. Every rank runs the whole pipeline (text encoders,
-scheduler, VAE) with the same inputs.
+``passes_for("transformer", plan)``); with ``Plan(vae=True)`` each VAE's ``decode`` is replaced by a
+`ditpass.vae.ParallelDecode` (``passes_for("vae", plan)``: the decoder's maps in row bands over every
+rank), else the VAE runs as it is. Every rank runs the whole pipeline (text encoders, scheduler, VAE)
+with the same inputs.
 
 **The pipeline hook.** ``pipe(...)`` runs inside `Generation`: one place that knows where a
 generation starts and ends, written once for every pipeline (the pipeline's class is swapped for a
@@ -37,8 +38,16 @@ whose batch is odd raises `PlanError` saying this (an even batch of prompts is s
 still exact). Also not covered: pipelines whose denoiser is a UNet (no ``transformer``).
 
 Same inputs on every rank: pass a ``generator`` seeded identically on every rank (stochastic
-schedulers draw noise at each step). As a safeguard, the initial latents from the pipeline's
-``prepare_latents`` (where it has one) are broadcast from global rank 0.
+schedulers draw noise at each step). Without one, the pipeline draws from torch's global random
+number generators, which torch seeds differently in each process; so during a generation every rank
+draws from a copy of global rank 0's (`_same_random_draws`; each rank's own state comes back after):
+every unseeded draw of the call, whoever makes it (the initial noise of pipelines without
+``prepare_latents``, such as ``DiTPipeline``'s ``randn_tensor``, a stochastic scheduler's noise), is
+the same on every rank and the one a single process seeded as rank 0 makes, with no knowledge of
+where the pipeline draws. As a safeguard against
+generators seeded per rank, the initial latents from the pipeline's ``prepare_latents`` (where it has
+one) are broadcast from global rank 0; any other difference is caught by the transformer's input check
+(``Plan.check_inputs``).
 """
 from __future__ import annotations
 
@@ -90,6 +99,11 @@ class Generation:
 
     @contextlib.contextmanager
     def run(self):
+        with _same_random_draws(), self._counted():
+            yield
+
+    @contextlib.contextmanager
+    def _counted(self):
         models = self.models()
         for m in models:
             m.ditpass_state.reset()
@@ -109,6 +123,26 @@ class Generation:
         finally:
             if step is not None:
                 del scheduler.step
+
+
+@contextlib.contextmanager
+def _same_random_draws():
+    """Every rank draws from rank 0's global generators (CPU, this GPU) during the generation: rank 0 as a
+    single process would, the others from a copy of its state, their own put back after."""
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        yield
+        return
+    cuda = torch.cuda.is_available() and torch.cuda.is_initialized()
+    states = [torch.get_rng_state(), torch.cuda.get_rng_state() if cuda else None]
+    dist.broadcast_object_list(states, src=0)
+    if dist.get_rank() == 0:
+        yield
+        return
+    with torch.random.fork_rng(devices=[torch.cuda.current_device()] if cuda else []):
+        torch.set_rng_state(states[0])
+        if cuda and states[1] is not None:
+            torch.cuda.set_rng_state(states[1])
+        yield
 
 
 def _install_hook(pipe) -> Generation:
@@ -148,9 +182,24 @@ def parallelize_pipeline(pipe, plan: Plan):
         if isinstance(module, ParallelModule):
             module = module.module
         setattr(pipe, name, ParallelModule(module, plan))
+    for vae in by_role["vae"].values():
+        _parallel_decode(vae, plan)
     _install_hook(pipe)
     _same_initial_latents(pipe)
     return pipe
+
+
+def _parallel_decode(vae, plan: Plan) -> None:
+    """``vae.decode`` on row bands over every rank when ``plan.vae`` (and more than one rank), else the VAE's own
+    (a plan without ``vae`` after one with it puts the original back)."""
+    from .vae import ParallelDecode
+
+    original = vae.__dict__.pop("_ditpass_decode", None)
+    if original is not None:
+        vae.__dict__.pop("decode", None)
+    world = dist.get_world_size() if dist.is_available() and dist.is_initialized() else 1
+    if plan.vae and world > 1 and hasattr(vae, "decode"):
+        vae.decode = ParallelDecode(vae, plan)
 
 
 def _same_initial_latents(pipe) -> None:

@@ -10,20 +10,37 @@ which torchrun places on the same node. For ``Plan(cfg=2, ring=2, ulysses=2)`` o
     ulysses   0 1 0 1 0 1 0 1
 
 "Axis" names a mesh dimension; "dim" is kept for tensor dimensions.
+
+Timeouts: every process group ditpass makes (the world group, when `init_distributed` creates it, and
+the mesh's axis groups) gives up on a collective after ``init_distributed(timeout=...)`` seconds, else
+``DITPASS_TIMEOUT``, else `DEFAULT_TIMEOUT_S` (torch's own default is 30 minutes for gloo, 10 for NCCL:
+a frozen peer would hold every rank that long). `timeout_error` turns the error of a collective that
+timed out into a `DistributedTimeout` that names the collective, this rank and the step.
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
+import re
+import traceback
 from dataclasses import dataclass, field
+from datetime import timedelta
 
 import torch
 import torch.distributed as dist
 
+from ditpass.errors import DistributedTimeout
 from ditpass.plan import DEGREES, Plan, PlanError
 
-__all__ = ["AXES", "FLATTENED", "ParallelDims", "Placement", "init_distributed"]
+__all__ = ["AXES", "FLATTENED", "ParallelDims", "Placement", "init_distributed", "timeout_seconds", "timeout_error",
+           "DEFAULT_TIMEOUT_S"]
+
+# seconds a collective may wait for its peers: an inference step takes seconds, a first call's capture
+# and compile minutes (ranks capture in step, so that counts once, not per rank)
+DEFAULT_TIMEOUT_S = 300.0
+_timeout_s: float | None = None  # what init_distributed was given, for the mesh's groups
 
 AXES = DEGREES
 # groups over several axes that passes address as one: the sequence ranks and the batch ranks
@@ -120,7 +137,8 @@ class ParallelDims:
             elif len(axes) == 1:
                 groups[name] = mesh[axes[0]].get_group().group_name
             else:
-                groups[name] = mesh[tuple(axes)]._flatten(name).get_group().group_name
+                with _new_groups_timeout(timedelta(seconds=timeout_seconds())):
+                    groups[name] = mesh[tuple(axes)]._flatten(name).get_group().group_name
         return Placement(rank, self.world_size, self.degrees, self.coords(rank), groups,
                          dry_run=mesh is None and self.world_size > 1)
 
@@ -146,16 +164,84 @@ class ParallelDims:
             )
         if device_type is None:
             device_type = "cuda" if dist.get_backend() == "nccl" else "cpu"
-        return init_device_mesh(device_type, self.shape, mesh_dim_names=AXES)
+        with _new_groups_timeout(timedelta(seconds=timeout_seconds())):
+            return init_device_mesh(device_type, self.shape, mesh_dim_names=AXES)
 
 
-def init_distributed(backend: str | None = None) -> tuple[int, int]:
+@contextlib.contextmanager
+def _new_groups_timeout(timeout: timedelta):
+    """Groups created here time out after ``timeout``: c10d gives a new group its backend's default
+    (30 min gloo, 10 min NCCL) unless told, and DeviceMesh tells it nothing."""
+    c10d = dist.distributed_c10d
+    saved = c10d.default_pg_timeout, c10d.default_pg_nccl_timeout
+    c10d.default_pg_timeout = c10d.default_pg_nccl_timeout = timeout
+    try:
+        yield
+    finally:
+        c10d.default_pg_timeout, c10d.default_pg_nccl_timeout = saved
+
+
+def timeout_seconds(timeout: float | None = None) -> float:
+    """The collective timeout in seconds: ``timeout``, else what `init_distributed` was given, else the
+    ``DITPASS_TIMEOUT`` environment variable, else `DEFAULT_TIMEOUT_S`."""
+    if timeout is None:
+        timeout = _timeout_s
+    source = "timeout"
+    if timeout is None and os.environ.get("DITPASS_TIMEOUT"):
+        timeout, source = os.environ["DITPASS_TIMEOUT"], "DITPASS_TIMEOUT"
+    if timeout is None:
+        return DEFAULT_TIMEOUT_S
+    try:
+        seconds = float(timeout)
+    except (TypeError, ValueError):
+        seconds = math.nan
+    if not 0 < seconds < math.inf:
+        raise ValueError(f"{source}={timeout!r}: give the collective timeout in seconds, a number > 0 "
+                         f"(e.g. {DEFAULT_TIMEOUT_S:g})")
+    return seconds
+
+
+_TIMED_OUT = re.compile(r"timed? ?out", re.IGNORECASE)
+
+
+def timeout_error(exc: BaseException, where: str) -> DistributedTimeout | None:
+    """A `DistributedTimeout` for ``exc`` when it is a collective that timed out, else None.
+
+    ``where``: what this rank was doing (the model, call and step). The collective is the outermost
+    frame of torch.distributed in the traceback (a Python collective), else the last frame outside
+    torch (the ditpass op or model line that called a functional collective)."""
+    if not isinstance(exc, RuntimeError) or isinstance(exc, DistributedTimeout) or not _TIMED_OUT.search(str(exc)):
+        return None
+    frames = [(f, f.filename.replace("\\", "/")) for f in traceback.extract_tb(exc.__traceback__)]
+    inside = [f for f, path in frames if "/torch/distributed/" in path and not path.endswith("c10d_logger.py")]
+    outside = [(f, path) for f, path in frames if "/torch/" not in path]
+    if inside:  # the outermost: the function the caller called (all_gather_object, not its all_gather)
+        op = f"torch.distributed.{inside[0].name}"
+    elif outside:
+        f, path = outside[-1]
+        op = f"`{(f.line or '').strip()}` in {f.name} ({'/'.join(path.rsplit('/', 2)[-2:])}:{f.lineno})"
+    else:
+        op = "a collective"
+    rank = dist.get_rank() if dist.is_available() and dist.is_initialized() else 0
+    first = str(exc).strip().splitlines()[0][:200] if str(exc).strip() else type(exc).__name__
+    return DistributedTimeout(
+        f"rank {rank}: {op} timed out after {timeout_seconds():g} s in {where}: a peer rank is stuck, "
+        f"stopped or gone (its own log says why). Raise the limit with DITPASS_TIMEOUT=<seconds> or "
+        f"init_distributed(timeout=...) if a step legitimately takes longer. ({first})")
+
+
+def init_distributed(backend: str | None = None, timeout: float | None = None) -> tuple[int, int]:
     """Join the process group and return ``(rank, world_size)``.
 
     Uses an already initialised group as is; otherwise initialises from torchrun's environment
     (``RANK``, ``WORLD_SIZE``, ``MASTER_ADDR``) with ``backend`` (default NCCL where CUDA is
     available, else gloo); without that environment, a single process: ``(0, 1)``, no group.
+    ``timeout``: seconds a collective waits for its peers before it fails (`timeout_seconds`: default
+    ``DITPASS_TIMEOUT``, else `DEFAULT_TIMEOUT_S`); it also applies to the mesh groups built after.
     """
+    global _timeout_s
+    if timeout is not None:
+        _timeout_s = timeout_seconds(timeout)
     if dist.is_available() and dist.is_initialized():
         return dist.get_rank(), dist.get_world_size()
     needed = ("RANK", "WORLD_SIZE", "MASTER_ADDR")
@@ -174,5 +260,5 @@ def init_distributed(backend: str | None = None) -> tuple[int, int]:
     if backend == "nccl":
         # Bind this process to its GPU before NCCL creates communicators on the wrong one.
         torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dist.init_process_group(backend, init_method="env://")
+    dist.init_process_group(backend, init_method="env://", timeout=timedelta(seconds=timeout_seconds()))
     return dist.get_rank(), dist.get_world_size()

@@ -41,12 +41,13 @@ class ParallelDecode:
     def __init__(self, vae, plan, placement=None):
         self.vae, self.plan = vae, plan
         self.original = vae.__dict__.get("_ditpass_decode") or vae.decode
-        vae.__dict__["_ditpass_decode"] = self.original
-        if placement is None:
-            from .mesh import ParallelDims, init_distributed
+        vae.__dict__["_ditpass_decode"] = self.original  # (components._parallel_decode puts it back)
+        if placement is None:  # every rank of the world, whatever the transformer's plan splits
+            from .mesh import ParallelDims, Placement, init_distributed
 
             rank, world = init_distributed()
-            placement = ParallelDims(plan, world).placement(rank, None)
+            dims = ParallelDims(plan, world)
+            placement = Placement(rank, world, dims.degrees, dims.coords(rank))
         world_group = dist.group.WORLD.group_name if dist.is_initialized() else ""
         self.placement = dataclasses.replace(placement, groups={**placement.groups, "vae": world_group})
         self.module = _Decode(vae, self.original)

@@ -91,3 +91,23 @@ def test_decode_equals_one_device_with_uneven_bands(name, world):
 def test_latent_shorter_than_the_ranks_is_a_clear_error():
     with pytest.raises(Exception, match="fewer than the 4 ranks of the parallel VAE"):
         run_distributed(_decode, 4, "kl", 3, timeout=300)
+
+
+def test_generate_with_parallel_vae_draws_the_same_digits(tmp_path):
+    """The built-in digits pipeline through ``ditpass generate --use_parallel_vae`` (cfg=2 on 2 ranks, the VAE's
+    rows over both): the same pictures as one process, and the explanation of the decode names its halos."""
+    import json
+
+    import numpy as np
+
+    from cli_utils import run_generate, saved_images
+
+    one = run_generate(tmp_path / "one")
+    assert one.returncode == 0, one.stderr[-2000:]
+    par = run_generate(tmp_path / "par", "--use_cfg_parallel", "--use_parallel_vae", nproc=2)
+    assert par.returncode == 0, par.stderr[-2000:]
+    assert "Plan(cfg=2, vae=True) on 2 process(es)" in par.stdout
+    run = json.loads((tmp_path / "par" / "last_run.json").read_text())
+    assert run["vae"]["halos"] > 0 and run["vae"]["rows"] == [[8, 8]], run["vae"]
+    for a, b in zip(saved_images(tmp_path / "one"), saved_images(tmp_path / "par")):
+        assert a.shape == b.shape and np.abs(a - b).max() <= 1

@@ -145,6 +145,8 @@ def _setup(name: str, kwargs: dict | None = None, layouts=()):
     st = _PIPES[key]
     args, kw = st["first_call"]
     B = batch_rt.batch_size_of(st["pipe"].transformer, args, kw)
+    if any(B % cfg == 0 for _, cfg in layouts):  # the full call's capture tells the per-sample inputs
+        ditpass.capture(st["pipe"].transformer, *args, **kw)
     for dp, cfg in layouts:  # the capture each rank will look up: done here once, inherited by fork
         if B % cfg:
             continue  # refused before any capture

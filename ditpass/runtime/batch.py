@@ -8,10 +8,12 @@ the run stays identical to the single-device one.
 
 Which inputs are split: every tensor (at any depth of lists, tuples and dicts) whose dim 0 equals
 the batch of ``hidden_states`` (the ``hidden_states`` argument, else the first tensor argument):
-``timestep`` per sample, class labels, text embeddings, pooled projections, masks. Scalars and
-tensors of another leading size (a batch-1 broadcast, FLUX's ``img_ids`` of shape [tokens, 3])
-stay whole. The rule reads sizes, not names: an input that is *not* per-sample but happens to
-have ``batch`` rows would be split too (no diffusers DiT has one at batch > 1).
+``timestep`` per sample, class labels, text embeddings, pooled projections, masks; except those the
+caller names (``whole``: paths, ``pytree.keystr`` of the input in ``(args, kwargs)``), which
+`ditpass.ParallelModule` finds in the capture of the full call: inputs whose dim 0 the graph proves
+to be another size (FLUX's ``txt_ids`` of shape [tokens, 3] when the text has as many tokens as the
+batch has rows). Scalars and tensors of another leading size (a batch-1 broadcast, FLUX's
+``img_ids``) stay whole.
 
 Layout, with ``C = cfg``, ``D = dp`` and batch ``B``: the batch is ``C`` halves of ``h = B / C``
 rows (CFG pipelines concatenate [uncond; cond] or [cond; uncond]); rank ``(dp=d, cfg=c)`` takes
@@ -37,7 +39,7 @@ from ditpass.errors import PlanError
 
 from .seq import all_gather
 
-__all__ = ["BatchLayout", "BatchSplit", "batch_size_of", "split_inputs", "gather_output"]
+__all__ = ["BatchLayout", "BatchSplit", "batch_input", "batch_size_of", "split_inputs", "gather_output"]
 
 
 @dataclass(frozen=True)
@@ -91,37 +93,48 @@ class BatchLayout:
         return g.reshape(self.batch, *rest)
 
 
-def batch_size_of(module: torch.nn.Module | None, args: tuple, kwargs: dict) -> int | None:
-    """The batch of a transformer call: dim 0 of ``hidden_states`` (else of the first tensor
-    argument in the forward's parameter order); None when the call has no tensor with a dim."""
+def batch_input(module: torch.nn.Module | None, args: tuple, kwargs: dict) -> tuple[str, torch.Tensor] | None:
+    """The input that defines the batch, with its path in ``(args, kwargs)``: ``hidden_states``, else the
+    first tensor argument with a dim in the forward's parameter order; None when there is none."""
     x = kwargs.get("hidden_states")
-    if not _batched_tensor(x):
-        ordered: list[Any] = list(args)
-        if module is not None:
-            try:
-                bound = inspect.signature(module.forward).bind_partial(*args, **kwargs)
-                ordered = list(bound.arguments.values())
-            except (TypeError, ValueError):
-                ordered = list(args) + list(kwargs.values())
-        else:
-            ordered = list(args) + list(kwargs.values())
-        x = next((v for v in ordered if _batched_tensor(v)), None)
-    return None if x is None else int(x.shape[0])
+    if _batched_tensor(x):
+        return _path((1, "hidden_states")), x
+    ordered = [((0, i), v) for i, v in enumerate(args)] + [((1, k), v) for k, v in kwargs.items()]
+    if module is not None:
+        try:
+            names = inspect.signature(module.forward).bind_partial(*args, **kwargs).arguments
+            order = {k: i for i, k in enumerate(names)}  # positional i binds the i-th parameter
+            ordered.sort(key=lambda kv: kv[0][1] if kv[0][0] == 0 else order.get(kv[0][1], len(order)))
+        except (TypeError, ValueError):
+            pass
+    return next(((_path(where), v) for where, v in ordered if _batched_tensor(v)), None)
+
+
+def _path(where: tuple) -> str:
+    """``pytree.keystr`` of a top-level argument: ``(0, i)`` positional, ``(1, name)`` keyword."""
+    return f"[{where[0]}][{where[1]!r}]"
+
+
+def batch_size_of(module: torch.nn.Module | None, args: tuple, kwargs: dict) -> int | None:
+    """The batch of a transformer call: dim 0 of `batch_input`; None when the call has no tensor with a dim."""
+    found = batch_input(module, args, kwargs)
+    return None if found is None else int(found[1].shape[0])
 
 
 def _batched_tensor(x) -> bool:
     return isinstance(x, torch.Tensor) and x.dim() >= 1
 
 
-def split_inputs(layout: BatchLayout, args: tuple, kwargs: dict) -> tuple[tuple, dict]:
-    """``args, kwargs`` with every tensor of ``layout.batch`` rows cut to this rank's rows."""
+def split_inputs(layout: BatchLayout, args: tuple, kwargs: dict, whole: set[str] = frozenset()) -> tuple[tuple, dict]:
+    """``args, kwargs`` with every tensor of ``layout.batch`` rows cut to this rank's rows, except those at
+    the paths ``whole`` (``pytree.keystr`` in ``(args, kwargs)``)."""
 
-    def cut(v):
-        if _batched_tensor(v) and v.shape[0] == layout.batch:
+    def cut(path, v):
+        if _batched_tensor(v) and v.shape[0] == layout.batch and pytree.keystr(path) not in whole:
             return layout.take(v)
         return v
 
-    return pytree.tree_map(cut, (tuple(args), dict(kwargs)))
+    return pytree.tree_map_with_path(cut, (tuple(args), dict(kwargs)))
 
 
 def gather_output(layout: BatchLayout, out: Any, group: str) -> Any:
@@ -168,12 +181,16 @@ class BatchSplit:
             )
         return BatchLayout(batch, self.dp, self.cfg, self.dp_rank, self.cfg_rank)
 
-    def run(self, fn: Callable, module: torch.nn.Module | None, args: tuple, kwargs: dict):
-        batch = batch_size_of(module, args, kwargs)
-        if batch is None:  # nothing per-sample to split: every rank runs the whole call
+    def run(self, fn: Callable, module: torch.nn.Module | None, args: tuple, kwargs: dict,
+            keep_whole: Callable | None = None):
+        """``keep_whole(args, kwargs, path)``: the paths of the inputs not to split although they have the
+        batch's rows (``path``: the batch input's)."""
+        found = batch_input(module, args, kwargs)
+        if found is None:  # nothing per-sample to split: every rank runs the whole call
             return fn(*args, **kwargs)
-        layout = self.layout(batch)
-        local_args, local_kwargs = split_inputs(layout, args, kwargs)
+        layout = self.layout(int(found[1].shape[0]))
+        whole = keep_whole(args, kwargs, found[0]) if keep_whole is not None and layout.batch > 1 else frozenset()
+        local_args, local_kwargs = split_inputs(layout, args, kwargs, whole)
         out = fn(*local_args, **local_kwargs)
         self.calls += 1
         self.last_layout = layout

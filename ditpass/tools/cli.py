@@ -53,6 +53,7 @@ def _user_errors() -> tuple[type, ...]:
     is imported here: ``ditpass --help`` stays instant)."""
     found = [_UsageError]
     for module, name in (("ditpass.tools.generate", "GenerateError"), ("ditpass.errors", "PlanError"),
+                         ("ditpass.errors", "InputMismatchError"), ("ditpass.errors", "DistributedTimeout"),
                          ("ditpass.pass_base", "PassError"), ("ditpass.capture", "CaptureError")):
         cls = getattr(sys.modules.get(module), name, None)
         if cls is not None:

@@ -40,7 +40,8 @@ FLAG_OF = {"ulysses": "--ulysses_degree", "ring": "--ring_degree", "cfg": "--use
            "dp": "--data_parallel_degree", "pipefusion": "--pipefusion_parallel_degree",
            "patches": "--num_pipeline_patch", "warmup_steps": "--warmup_steps", "compile": "--use_torch_compile",
            "fastattn_threshold": "--threshold", "fastattn_window": "--window_size", "fastattn_calib": "--n_calib",
-           "fastattn": "--use_fast_attn / --fast_attn_plan", "step_cache": "--cache_method"}
+           "fastattn": "--use_fast_attn / --fast_attn_plan", "step_cache": "--cache_method",
+           "vae": "--use_parallel_vae"}
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
@@ -72,6 +73,8 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--num_pipeline_patch", type=int, default=None, help="PipeFusion patches of the token sequence (default: the stage count)")
     p.add_argument("--warmup_steps", type=int, default=1, help="PipeFusion steps run whole before the patch pipeline (stale K/V after)")
     p.add_argument("--use_torch_compile", action="store_true", help="Plan(compile='inductor')")
+    p.add_argument("--use_parallel_vae", action="store_true",
+                   help="decode with the VAE's maps in row bands over all ranks (Plan(vae=True); exact, less memory)")
     p.add_argument("--use_fast_attn", action="store_true",
                    help="DiTFastAttn: calibrate a compression plan first (saved as fastattn_plan.json in --output_dir)")
     p.add_argument("--threshold", type=float, default=None, help="DiTFastAttn's error bound (default: Plan's)")
@@ -208,7 +211,8 @@ def plan_from_args(args):
         plan = parse_plan(args.plan) if args.plan else Plan(
             dp=args.data_parallel_degree, cfg=2 if args.use_cfg_parallel else 1, ring=args.ring_degree,
             ulysses=args.ulysses_degree, pipefusion=args.pipefusion_parallel_degree, patches=args.num_pipeline_patch,
-            warmup_steps=args.warmup_steps, compile="inductor" if args.use_torch_compile else "eager")
+            warmup_steps=args.warmup_steps, compile="inductor" if args.use_torch_compile else "eager",
+            vae=args.use_parallel_vae)
         if fast:
             plan = plan.replace(**fast)
         cache = {name: getattr(args, name) for name in ("cache_threshold", "cache_first_blocks", "cache_last_blocks",
@@ -513,6 +517,10 @@ def run(args) -> int:
         caches = _step_cache_summary(pipe)
         for line in caches:
             print(line)
+        vae = _vae_summary(pipe)
+        if vae:
+            print(f"parallel VAE: latent rows per rank {vae['rows'][0]}, {vae['halos']} halo exchanges, "
+                  f"{vae['norms']} group norms all-reduced, {vae['whole']} op(s) on the whole map")
         for path in saved:
             print(f"saved {path}")
         if sheet:
@@ -520,7 +528,7 @@ def run(args) -> int:
         with open(os.path.join(args.output_dir, "last_run.json"), "w") as f:
             json.dump(dict(plan=plan.to_dict(), world=world, seconds=seconds, steps=steps, timing=timing,
                            prompts=list(args.prompt), files=saved, contact_sheet=sheet, calibration_seconds=calib_s,
-                           step_cache=caches), f, indent=2)
+                           step_cache=caches, vae=vae), f, indent=2)
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return 0
@@ -554,6 +562,17 @@ def _calibrate(pipe, plan, args, kw) -> float:
     with torch.no_grad():
         calibrate(pipe, inputs, save=os.path.join(args.output_dir, _PLAN_FILE), **calib)
     return time.perf_counter() - t0
+
+
+def _vae_summary(pipe) -> dict | None:
+    """What the parallel VAE did in this run (`passes/parallel_vae.py`'s details), or None."""
+    decode = getattr(getattr(pipe, "vae", None), "decode", None)
+    for record in getattr(decode, "ditpass_records", ()):
+        for r in record.results:
+            if r.name == "parallel_vae" and r.modified:
+                d = r.details
+                return dict(rows=list(d["heights"].values())[:1], halos=d["halos"], norms=d["norms"], whole=d["whole"])
+    return None
 
 
 def _step_cache_summary(pipe) -> list[str]:
