@@ -28,7 +28,7 @@ import time
 
 __all__ = ["add_arguments", "add_plan_arguments", "run", "plan_from_args", "parse_plan", "check_args", "check_plan_args",
            "check_world", "load_pipeline", "call_kwargs", "steps_of", "output_stem", "save_outputs", "contact_sheet",
-           "CallTimer", "GenerateError"]
+           "CallTimer", "GenerateError", "run_plan", "start"]
 
 
 class GenerateError(ValueError):
@@ -458,31 +458,10 @@ def run(args) -> int:
     import torch
     import torch.distributed as dist
 
-    import ditpass
-    from ditpass.mesh import init_distributed
-
     check_args(args)
-    if args.timeout is not None:
-        os.environ["DITPASS_TIMEOUT"] = str(args.timeout)
-    if args.verbose:
-        os.environ["DITPASS_VERBOSE"] = "1"
-    else:  # diffusers' advice (install accelerate, ...) is not news to a user of ditpass generate
-        from diffusers.utils import logging as diffusers_logging
-
-        diffusers_logging.set_verbosity_error()
-    plan = plan_from_args(args)
-    world_env = int(os.environ.get("WORLD_SIZE", "1"))
-    check_world(plan, world_env, from_flags=not args.plan)  # before the process group and the model: no waiting
-    rank, world = init_distributed()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.model, device, dtype)
+    plan = run_plan(args)
+    rank, world, device, pipe, parallel = start(args, plan)
     pipe.set_progress_bar_config(disable=rank != 0, desc=f"rank 0 of {world}, {plan}")
-    parallel = world > 1 or plan != ditpass.Plan()
-    if parallel:
-        pipe = ditpass.parallelize(pipe, plan)
     kw = call_kwargs(pipe, args.model, args.prompt, negative_prompt=args.negative_prompt, height=args.height,
                      width=args.width, num_frames=args.num_frames, num_inference_steps=args.num_inference_steps,
                      guidance_scale=args.guidance_scale, seed=args.seed, extra=pipeline_kwargs(args.pipeline_kwargs))
@@ -532,6 +511,42 @@ def run(args) -> int:
     if dist.is_available() and dist.is_initialized():
         dist.destroy_process_group()
     return 0
+
+
+def run_plan(args):
+    """``--timeout`` and ``--verbose`` into the environment, the plan, checked against the processes torchrun
+    started: all before a process group or a model exists (no waiting for a mistake)."""
+    if args.timeout is not None:
+        os.environ["DITPASS_TIMEOUT"] = str(args.timeout)
+    if args.verbose:
+        os.environ["DITPASS_VERBOSE"] = "1"
+    else:  # diffusers' advice (install accelerate, ...) is not news to a user of ditpass
+        from diffusers.utils import logging as diffusers_logging
+
+        diffusers_logging.set_verbosity_error()
+    plan = plan_from_args(args)
+    check_world(plan, int(os.environ.get("WORLD_SIZE", "1")), from_flags=not args.plan)
+    return plan
+
+
+def start(args, plan):
+    """The process group, the device, the pipeline loaded and parallelized (unless the plan is empty on one
+    process): ``(rank, world, device, pipe, parallelized)``."""
+    import torch
+
+    import ditpass
+    from ditpass.mesh import init_distributed
+
+    rank, world = init_distributed()
+    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
+    if device == "cuda":
+        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
+    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
+    pipe = load_pipeline(args.model, device, dtype)
+    parallel = world > 1 or plan != ditpass.Plan()
+    if parallel:
+        pipe = ditpass.parallelize(pipe, plan)
+    return rank, world, device, pipe, parallel
 
 
 def _say(text: str) -> None:

@@ -68,8 +68,7 @@ import threading
 import time
 from typing import Annotated, Literal
 
-from .generate import (GenerateError, add_plan_arguments, call_kwargs, check_plan_args, check_world,
-                       load_pipeline, plan_from_args, steps_of)
+from .generate import (GenerateError, add_plan_arguments, call_kwargs, check_plan_args, run_plan, start, steps_of)
 
 # no torch, fastapi or pydantic at import time: ``ditpass --help`` stays instant
 
@@ -640,28 +639,12 @@ def run(args) -> int:
         import uvicorn
     except ImportError as e:
         raise GenerateError(f"ditpass serve needs fastapi and uvicorn ({e}): pip install 'ditpass[serve]'") from None
-    import torch
     import torch.distributed as dist
 
-    import ditpass
-    from ditpass.mesh import init_distributed
-
-    if args.timeout is not None:
-        os.environ["DITPASS_TIMEOUT"] = str(args.timeout)
-    if args.verbose:
-        os.environ["DITPASS_VERBOSE"] = "1"
-    plan = plan_from_args(args)
-    check_world(plan, int(os.environ.get("WORLD_SIZE", "1")), from_flags=not args.plan)
+    plan = run_plan(args)
     listener = _listen(args.host, args.port) if int(os.environ.get("RANK", "0")) == 0 else None  # before any load
-    rank, world = init_distributed()
-    device = args.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    if device == "cuda":
-        torch.cuda.set_device(int(os.environ.get("LOCAL_RANK", "0")))
-    dtype = torch.bfloat16 if device.startswith("cuda") else torch.float32
-    pipe = load_pipeline(args.model, device, dtype)
+    rank, world, _, pipe, _ = start(args, plan)
     pipe.set_progress_bar_config(disable=True)
-    if world > 1 or plan != ditpass.Plan():
-        pipe = ditpass.parallelize(pipe, plan)
     timeout = max(args.timeout or 60.0, 5 * HEARTBEAT_S)  # the other ranks wait this long for a heartbeat
     control = None
     if world > 1:  # after the model load (ranks load at their own pace), before any control message
