@@ -1,8 +1,11 @@
-"""Model zoo: 12 real diffusers DiT classes, each with a tiny and a published full-size config.
+"""Model zoo: 12 real diffusers DiT classes, each with a tiny and a published full-size config, and every
+other DiT denoiser diffusers exports at tiny size (``MORE_NAMES``).
 
 API (others code against these names)::
 
     NAMES                                   the 12 diffusers class names
+    MORE_NAMES, ALL_NAMES                   the tiny-only classes; NAMES + MORE_NAMES
+    EXCLUDED, PENDING                       {class: why} not a denoiser / not in the zoo yet
     build(name, size="tiny", *, device="cpu", dtype=torch.float32, seed=0) -> nn.Module (eval)
     make_inputs(name, size="tiny", *, height=None, width=None, frames=None, text_len=None,
                 batch=1, device="cpu", dtype=torch.float32, seed=0) -> dict of forward kwargs
@@ -40,6 +43,10 @@ import torch
 
 __all__ = [
     "NAMES",
+    "MORE_NAMES",
+    "ALL_NAMES",
+    "EXCLUDED",
+    "PENDING",
     "SIZES",
     "FULL_SOURCES",
     "PUBLISHED_PARAMS",
@@ -67,6 +74,13 @@ NAMES: list[str] = [
     "QwenImageTransformer2DModel",
     "LTXVideoTransformer3DModel",
 ]
+
+# Every other DiT denoiser that diffusers exports, tiny size only (random weights; see the section
+# "More diffusers DiTs" at the end). NAMES stays the first twelve: tests that run every plan on
+# every model (test_sequence_parallel, test_capture, ...) are sized for those; the sweep
+# (benchmarks/sweep_zoo.py) and tests/test_zoo_sweep.py cover ALL_NAMES.
+MORE_NAMES: list[str] = []  # filled at the end of the file, with EXCLUDED and PENDING
+ALL_NAMES: list[str] = list(NAMES)
 
 # --------------------------------------------------------------------------------------------
 # Configs. "full" values are the published transformer/config.json of the named HF repo (only
@@ -318,8 +332,8 @@ GUARDED: dict[str, str] = {
 def _cls(name: str):
     import diffusers
 
-    if name not in NAMES:
-        raise KeyError(f"unknown zoo model {name!r}; choose one of {NAMES}")
+    if name not in ALL_NAMES:
+        raise KeyError(f"unknown zoo model {name!r}; choose one of {ALL_NAMES}")
     return getattr(diffusers, name)
 
 
@@ -327,15 +341,15 @@ def _sizes(name: str) -> list[str]:
     return list(_CONFIGS[name])
 
 
-SIZES: dict[str, list[str]] = {n: list(_CONFIGS[n]) for n in NAMES}
+SIZES: dict[str, list[str]] = {n: list(_CONFIGS[n]) for n in NAMES}  # MORE_NAMES: added at the end
 
 
 def add_size(name: str, size: str, cfg: dict) -> None:
     """Make a config of a zoo class usable like the zoo's own sizes (``build``, ``make_inputs``,
     ``dynamic_dims``): e.g. the config.json of a user's saved model (keys starting with ``_`` dropped).
     Its default geometry is the ``full`` size's."""
-    if name not in NAMES:
-        raise KeyError(f"unknown zoo model {name!r}; choose one of {NAMES}")
+    if name not in ALL_NAMES:
+        raise KeyError(f"unknown zoo model {name!r}; choose one of {ALL_NAMES}")
     _CONFIGS[name][size] = {k: v for k, v in cfg.items() if not k.startswith("_")}
     if size not in SIZES[name]:
         SIZES[name].append(size)
@@ -398,6 +412,8 @@ def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
 def _reinit_(model: torch.nn.Module, seed: int) -> None:
     g = torch.Generator().manual_seed(seed + 1)
     for pname, p in model.named_parameters():
+        if p.numel() == 0:  # e.g. an unused expert slot (NucleusMoE's dense blocks)
+            continue
         if p.dim() >= 2:
             fan_in = p[0].numel()
             p.copy_(torch.randn(p.shape, generator=g) / math.sqrt(fan_in))
@@ -471,7 +487,9 @@ def _geometry(name: str, size: str, height, width, frames, text_len) -> dict:
     frames = df if frames is None else frames
     text_len = dt if text_len is None else text_len
 
-    if name == "WanTransformer3DModel":
+    if "patch" in info:  # MORE_NAMES: (temporal, spatial) patch, whatever the config calls them
+        pt, p = info["patch"]
+    elif name == "WanTransformer3DModel":
         pt, p, _ = cfg["patch_size"]
     else:
         p = cfg.get("patch_size") or 1
@@ -775,6 +793,9 @@ def dynamic_dims(name: str, size: str = "tiny", *, height=None, width=None, fram
         pass  # nothing can be dynamic: see STATIC_REASONS
     elif name == "LTXVideoTransformer3DModel":
         spec.update(encoder_hidden_states={1: T}, encoder_attention_mask={1: T})
+    elif name in _DYN:
+        dims = _Dims(H=H, W=W, F=F, T=T, HW=Dim("HW", min=4, max=big), p=p, pt=pt, AUTO=AUTO)
+        spec.update(_DYN[name](dims))
     # every other input: None for each leaf, mirroring its pytree structure (dicts, lists of tuples)
     import torch.utils._pytree as pytree
 
@@ -793,9 +814,999 @@ def describe(name: str) -> dict:
         "text_kwarg": info["text_kwarg"],
         "image_kwarg": info["image_kwarg"],
         "sizes": list(_CONFIGS[name]),
-        "full_source": dict(FULL_SOURCES[name]),
+        "full_source": dict(FULL_SOURCES.get(name, {})),
         "vae_spatial": info["spatial"],
         "vae_temporal": info["temporal"],
         "static_dims": dict(STATIC_REASONS.get(name, {})),
         "guarded_dims": GUARDED.get(name),
     }
+
+
+# --------------------------------------------------------------------------------------------
+# More diffusers DiTs (tiny size only). Configs follow the structure of the published models at a
+# toy width: 4 heads (or kv-heads that divide them), 2 blocks of every kind. Inputs are what the
+# diffusers pipeline passes (read from its __call__), at the geometry of `_INFO[name]["tiny"]`.
+# `_INFO[name]["patch"]` is (temporal, spatial) patch, so `_geometry` needs no config key names.
+# --------------------------------------------------------------------------------------------
+
+
+class _Dims:
+    """The Dims of `dynamic_dims`, for the per-class `_DYN` functions: ``H W F T HW p pt AUTO``."""
+
+    def __init__(self, **kw):
+        self.__dict__.update(kw)
+
+
+_MORE: dict[str, tuple[dict, dict, Callable, Callable | None]] = {}  # name -> (tiny cfg, info, builder, dyn)
+
+
+def _more(name, cfg, builder, dyn=None, **info):
+    _MORE[name] = (cfg, info, builder, dyn)
+
+
+def _tree_const(gen, tree):
+    import torch.utils._pytree as pytree
+
+    return pytree.tree_map(gen.const, tree)
+
+
+def _ids_grid(F, H, W, n=3):
+    """Position ids ``[F*H*W, n]`` (frame, row, col), as FLUX-style pipelines build them."""
+    f, h, w = torch.meshgrid(torch.arange(F), torch.arange(H), torch.arange(W), indexing="ij")
+    cols = [f, h, w] + [torch.zeros_like(f)] * (n - 3)
+    return torch.stack(cols, -1).reshape(F * H * W, n)
+
+
+# ---- image models with packed tokens (FLUX family): pipeline packs 2x2, transformer patch 1 ----
+
+def _chroma(cfg, geo, gen, B):
+    H, W, T = geo["H"], geo["W"], geo["text_len"]
+    mask = gen.mask(B, T, torch.bool)
+    return dict(
+        hidden_states=gen.randn(B, H * W, cfg["in_channels"]),
+        encoder_hidden_states=gen.randn(B, T, cfg["joint_attention_dim"]),
+        timestep=gen.rand(B),
+        img_ids=gen.const(_ids_grid(1, H, W).to(gen.dtype)),
+        txt_ids=gen.const(torch.zeros(T, 3, dtype=gen.dtype)),
+        # ChromaPipeline._prepare_attention_mask: text mask then ones for the image tokens
+        attention_mask=torch.cat([mask, gen.const(torch.ones(B, H * W, dtype=torch.bool))], 1),
+        return_dict=False,
+    )
+
+
+def _dyn_packed(d):
+    return dict(hidden_states={1: d.HW}, img_ids={0: d.HW}, encoder_hidden_states={1: d.T}, txt_ids={0: d.T})
+
+
+_more("ChromaTransformer2DModel",
+      dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+           num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), approximator_num_channels=8,
+           approximator_hidden_dim=32, approximator_layers=2),
+      _chroma, None, pipeline="ChromaPipeline", spatial=8, temporal=None, pack=2, patch=(1, 1),
+      tiny=(128, 128, None, 16))
+
+
+def _flux_like(cfg, geo, gen, B, *, pooled=None, guidance=None, ids_dims=3, batched_ids=False):
+    H, W, T = geo["H"], geo["W"], geo["text_len"]
+    img = _ids_grid(1, H, W, ids_dims).to(gen.dtype)
+    txt = torch.zeros(T, ids_dims, dtype=gen.dtype)
+    if ids_dims == 4:  # Flux2: (t, h, w, l); text tokens count along l
+        txt[:, 3] = torch.arange(T)
+    if batched_ids:
+        img, txt = img.expand(B, -1, -1), txt.expand(B, -1, -1)
+    out = dict(
+        hidden_states=gen.randn(B, H * W, cfg["in_channels"]),
+        encoder_hidden_states=gen.randn(B, T, cfg["joint_attention_dim"]),
+        timestep=gen.rand(B),
+        img_ids=gen.const(img),
+        txt_ids=gen.const(txt),
+    )
+    if pooled:
+        out["pooled_projections"] = gen.randn(B, pooled)
+    if guidance is not None:
+        out["guidance"] = gen.full((B,), guidance)
+    out["return_dict"] = False
+    return out
+
+
+_more("BriaTransformer2DModel",
+      dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+           num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=None, axes_dims_rope=(0, 8, 8)),
+      _flux_like, _dyn_packed, pipeline="BriaPipeline", spatial=8, temporal=None, pack=2, patch=(1, 1),
+      tiny=(128, 128, None, 16))
+_more("LongCatImageTransformer2DModel",
+      dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+           num_attention_heads=4, joint_attention_dim=32, pooled_projection_dim=32, axes_dims_rope=(4, 6, 6)),
+      lambda c, g, gen, B: _flux_like(c, g, gen, B, guidance=4.5), _dyn_packed,
+      pipeline="LongCatImagePipeline", spatial=8, temporal=None, pack=2, patch=(1, 1), tiny=(128, 128, None, 16))
+_more("Flux2Transformer2DModel",
+      dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+           num_attention_heads=4, joint_attention_dim=32, timestep_guidance_channels=32,
+           axes_dims_rope=(4, 4, 4, 4)),
+      lambda c, g, gen, B: _flux_like(c, g, gen, B, guidance=4.0, ids_dims=4, batched_ids=True),
+      lambda d: dict(hidden_states={1: d.HW}, img_ids={1: d.HW}, encoder_hidden_states={1: d.T}, txt_ids={1: d.T}),
+      pipeline="Flux2Pipeline", spatial=8, temporal=None, pack=2, patch=(1, 1), tiny=(128, 128, None, 16))
+
+
+# ---- image models with unpatched latents [B, C, h, w] ----
+
+def _auraflow(cfg, geo, gen, B):
+    return dict(
+        hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]),
+        encoder_hidden_states=gen.randn(B, geo["text_len"], cfg["joint_attention_dim"]),
+        timestep=gen.rand(B),  # AuraFlowPipeline: t / 1000
+        return_dict=False,
+    )
+
+
+def _dyn_latent2d(d):
+    return dict(hidden_states={2: d.p * d.H, 3: d.p * d.W}, encoder_hidden_states={1: d.T})
+
+
+_more("AuraFlowTransformer2DModel",
+      dict(sample_size=16, patch_size=2, in_channels=4, num_mmdit_layers=2, num_single_dit_layers=2,
+           attention_head_dim=8, num_attention_heads=4, joint_attention_dim=32, caption_projection_dim=32,
+           out_channels=4, pos_embed_max_size=256),
+      _auraflow, _dyn_latent2d, pipeline="AuraFlowPipeline", spatial=8, temporal=None, patch=(1, 2),
+      tiny=(128, 128, None, 16))
+
+
+def _cogview(cfg, geo, gen, B):
+    size = torch.tensor([[geo["height"], geo["width"]]] * B, dtype=gen.dtype)
+    return dict(
+        hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]),
+        encoder_hidden_states=gen.randn(B, geo["text_len"], cfg["text_embed_dim"]),
+        timestep=gen.rand(B, scale=1000.0),
+        original_size=gen.const(size),
+        target_size=gen.const(size.clone()),
+        crop_coords=gen.const(torch.zeros(B, 2, dtype=gen.dtype)),
+        return_dict=False,
+    )
+
+
+_more("CogView3PlusTransformer2DModel",
+      dict(patch_size=2, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4, out_channels=4,
+           text_embed_dim=32, time_embed_dim=16, condition_dim=4, pos_embed_max_size=32, sample_size=16),
+      _cogview, _dyn_latent2d, pipeline="CogView3PlusPipeline", spatial=8, temporal=None, patch=(1, 2),
+      tiny=(128, 128, None, 16))
+_more("CogView4Transformer2DModel",
+      dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+           text_embed_dim=32, time_embed_dim=16, condition_dim=4, pos_embed_max_size=32, sample_size=16,
+           rope_axes_dim=(32, 32)),
+      _cogview, _dyn_latent2d, pipeline="CogView4Pipeline", spatial=8, temporal=None, patch=(1, 2),
+      tiny=(128, 128, None, 16))
+
+
+# ---- video models with unpatched latents [B, C, F, h, w] ----
+
+def _allegro(cfg, geo, gen, B):
+    from diffusers.models.embeddings import get_3d_rotary_pos_embed_allegro
+
+    F, H, W, T = geo["lat_f"], geo["H"], geo["W"], geo["text_len"]
+    # AllegroPipeline._prepare_rotary_positional_embeddings
+    ft, fh, fw, gt, gh, gw = get_3d_rotary_pos_embed_allegro(
+        embed_dim=cfg["attention_head_dim"], crops_coords=((0, 0), (H, W)), grid_size=(H, W), temporal_size=F,
+        interpolation_scale=(cfg["interpolation_scale_t"], cfg["interpolation_scale_h"], cfg["interpolation_scale_w"]))
+    pos = torch.cartesian_prod(gt.long(), gh.long(), gw.long()).reshape(-1, 3).transpose(0, 1).reshape(3, 1, -1)
+    return dict(
+        hidden_states=gen.randn(B, cfg["in_channels"], F, geo["lat_h"], geo["lat_w"]),
+        encoder_hidden_states=gen.randn(B, T, cfg["caption_channels"]),
+        timestep=gen.rand(B, scale=1000.0),
+        encoder_attention_mask=gen.mask(B, T, torch.long),
+        image_rotary_emb=_tree_const(gen, ((ft, fh, fw), tuple(pos))),
+        return_dict=False,
+    )
+
+
+_more("AllegroTransformer3DModel",
+      dict(patch_size=2, patch_size_t=1, num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
+           num_layers=2, cross_attention_dim=48, sample_width=8, sample_height=8, sample_frames=3, caption_channels=32),
+      _allegro, None, pipeline="AllegroPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _wan_like(cfg, geo, gen, B, extra=None):
+    out = dict(
+        hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_f"], geo["lat_h"], geo["lat_w"]),
+        timestep=gen.rand(B, scale=1000.0),
+        encoder_hidden_states=gen.randn(B, geo["text_len"], cfg["text_dim"]),
+    )
+    out.update(extra or {})
+    out["return_dict"] = False
+    return out
+
+
+def _dyn_video5(d):
+    return dict(hidden_states={2: d.F, 3: d.p * d.H, 4: d.p * d.W}, encoder_hidden_states={1: d.T})
+
+
+_WAN_TINY = dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4,
+                 text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+                 qk_norm="rms_norm_across_heads", eps=1e-6, rope_max_seq_len=1024)
+_more("SkyReelsV2Transformer3DModel", dict(_WAN_TINY), _wan_like, _dyn_video5, pipeline="SkyReelsV2Pipeline",
+      spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+_more("ChronoEditTransformer3DModel", dict(_WAN_TINY, rope_temporal_skip_len=8), _wan_like, _dyn_video5,
+      pipeline="ChronoEditPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _wan_vace(cfg, geo, gen, B):
+    ctrl = gen.randn(B, cfg["vace_in_channels"], geo["lat_f"], geo["lat_h"], geo["lat_w"])
+    return _wan_like(cfg, geo, gen, B, dict(control_hidden_states=ctrl,
+                                             control_hidden_states_scale=gen.full((len(cfg["vace_layers"]),), 1.0)))
+
+
+_more("WanVACETransformer3DModel", dict(_WAN_TINY, num_layers=4, vace_layers=[0, 2], vace_in_channels=8), _wan_vace,
+      lambda d: dict(_dyn_video5(d), control_hidden_states={2: d.F, 3: d.p * d.H, 4: d.p * d.W}),
+      pipeline="WanVACEPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+# ---- batch 2: more image and video DiTs ----
+
+def _sana(cfg, geo, gen, B):
+    T = geo["text_len"]
+    x = (gen.randn(B, cfg["in_channels"], geo["lat_f"], geo["lat_h"], geo["lat_w"]) if geo["lat_f"]
+         else gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]))
+    return dict(hidden_states=x, encoder_hidden_states=gen.randn(B, T, cfg["caption_channels"]),
+                encoder_attention_mask=gen.mask(B, T, torch.long), timestep=gen.rand(B, scale=1000.0),
+                return_dict=False)
+
+
+_more("SanaTransformer2DModel",
+      dict(patch_size=1, in_channels=4, out_channels=4, num_layers=2, num_attention_heads=4, attention_head_dim=8,
+           num_cross_attention_heads=4, cross_attention_head_dim=8, cross_attention_dim=32, caption_channels=32,
+           sample_size=8),
+      _sana, lambda d: dict(hidden_states={2: d.p * d.H, 3: d.p * d.W}, encoder_hidden_states={1: d.T},
+                            encoder_attention_mask={1: d.T}),
+      pipeline="SanaPipeline", spatial=32, temporal=None, patch=(1, 1), tiny=(256, 256, None, 16))
+_more("SanaVideoTransformer3DModel",
+      dict(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=8, num_layers=2,
+           num_cross_attention_heads=4, cross_attention_head_dim=8, cross_attention_dim=32, caption_channels=32,
+           sample_size=8, patch_size=(1, 2, 2), qk_norm="rms_norm_across_heads", rope_max_seq_len=64),
+      _sana, lambda d: dict(hidden_states={2: d.F, 3: d.p * d.H, 4: d.p * d.W}, encoder_hidden_states={1: d.T},
+                            encoder_attention_mask={1: d.T}),
+      pipeline="SanaVideoPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _lumina2(cfg, geo, gen, B):
+    T = geo["text_len"]
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]),
+                timestep=gen.rand(B),  # Lumina2Pipeline: 1 - t / 1000
+                encoder_hidden_states=gen.randn(B, T, cfg["cap_feat_dim"]),
+                encoder_attention_mask=gen.mask(B, T, torch.bool), return_dict=False)
+
+
+_more("Lumina2Transformer2DModel",
+      dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_refiner_layers=2,
+           num_attention_heads=4, num_kv_heads=2, multiple_of=16, axes_dim_rope=(4, 2, 2), axes_lens=(128, 128, 128),
+           cap_feat_dim=32),
+      _lumina2, lambda d: dict(hidden_states={2: d.p * d.H, 3: d.p * d.W}, encoder_hidden_states={1: d.T},
+                               encoder_attention_mask={1: d.T}),
+      pipeline="Lumina2Pipeline", spatial=8, temporal=None, patch=(1, 2), tiny=(128, 128, None, 16))
+
+
+def _lumina_next(cfg, geo, gen, B):
+    from diffusers.models.embeddings import get_2d_rotary_pos_embed_lumina
+
+    T = geo["text_len"]
+    rope = get_2d_rotary_pos_embed_lumina(cfg["hidden_size"] // cfg["num_attention_heads"], 384, 384)
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]),
+                timestep=gen.rand(B), encoder_hidden_states=gen.randn(B, T, cfg["cross_attention_dim"]),
+                encoder_mask=gen.mask(B, T, torch.long), image_rotary_emb=gen.const(rope), cross_attention_kwargs={}, return_dict=False)
+
+
+_more("LuminaNextDiT2DModel",
+      dict(sample_size=16, patch_size=2, in_channels=4, hidden_size=32, num_layers=2, num_attention_heads=4,
+           num_kv_heads=2, multiple_of=16, learn_sigma=True, qk_norm=True, cross_attention_dim=32),
+      _lumina_next, lambda d: dict(hidden_states={2: d.p * d.H, 3: d.p * d.W}, encoder_hidden_states={1: d.T},
+                                   encoder_mask={1: d.T}),
+      pipeline="LuminaPipeline", spatial=8, temporal=None, patch=(1, 2), tiny=(128, 128, None, 16))
+
+
+def _hidream(cfg, geo, gen, B):
+    T = geo["text_len"]
+    t5, llama = cfg["caption_channels"]
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]),
+                timesteps=gen.rand(B, scale=1000.0),
+                encoder_hidden_states_t5=gen.randn(B, T, t5),
+                encoder_hidden_states_llama3=gen.randn(len(cfg["llama_layers"]), B, T, llama),
+                pooled_embeds=gen.randn(B, cfg["text_emb_dim"]), return_dict=False)
+
+
+_more("HiDreamImageTransformer2DModel",
+      dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, num_single_layers=2, attention_head_dim=8,
+           num_attention_heads=4, caption_channels=[16, 8], text_emb_dim=16, num_routed_experts=2,
+           num_activated_experts=2, axes_dims_rope=(4, 2, 2), max_resolution=(32, 32), llama_layers=[0, 1, 2, 3],
+           force_inference_output=True),
+      _hidream, lambda d: dict(hidden_states={2: d.p * d.H, 3: d.p * d.W}, encoder_hidden_states_t5={1: d.T},
+                               encoder_hidden_states_llama3={2: d.T}),
+      pipeline="HiDreamImagePipeline", spatial=8, temporal=None, patch=(1, 2), text_kwarg="encoder_hidden_states_t5",
+      tiny=(128, 128, None, 16))
+
+
+def _easyanimate(cfg, geo, gen, B):
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_f"], geo["lat_h"], geo["lat_w"]),
+                timestep=gen.rand(B, scale=1000.0),
+                encoder_hidden_states=gen.randn(B, geo["text_len"], cfg["text_embed_dim"]), return_dict=False)
+
+
+_more("EasyAnimateTransformer3DModel",
+      dict(attention_head_dim=16, num_attention_heads=4, in_channels=4, out_channels=4, mmdit_layers=2, num_layers=2,
+           patch_size=2, sample_height=60, sample_width=90, text_embed_dim=32, time_embed_dim=16,
+           time_position_encoding_type="3d_rope", timestep_activation_fn="silu"),
+      _easyanimate, _dyn_video5, pipeline="EasyAnimatePipeline", spatial=8, temporal=4, patch=(1, 2),
+      tiny=(64, 64, 9, 16))
+
+
+def _cosmos(cfg, geo, gen, B):
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_f"], geo["lat_h"], geo["lat_w"]),
+                timestep=gen.rand(B), encoder_hidden_states=gen.randn(B, geo["text_len"], cfg["text_embed_dim"]),
+                fps=30, padding_mask=gen.const(torch.zeros(1, 1, geo["height"], geo["width"], dtype=gen.dtype)),
+                return_dict=False)
+
+
+_more("CosmosTransformer3DModel",
+      dict(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2, mlp_ratio=2.0,
+           text_embed_dim=32, adaln_lora_dim=4, max_size=(8, 32, 32), patch_size=(1, 2, 2), rope_scale=(2.0, 1.0, 1.0),
+           concat_padding_mask=False, extra_pos_embed_type="learnable"),
+      _cosmos, _dyn_video5, pipeline="Cosmos2VideoToWorldPipeline", spatial=8, temporal=4, patch=(1, 2),
+      tiny=(64, 64, 9, 16))
+
+_more("ConsisIDTransformer3DModel",
+      dict(num_attention_heads=4, attention_head_dim=16, in_channels=4, out_channels=4, time_embed_dim=16,
+           text_embed_dim=32, num_layers=2, sample_width=8, sample_height=8, sample_frames=9, patch_size=2,
+           temporal_compression_ratio=4, max_text_seq_length=16, use_rotary_positional_embeddings=True,
+           use_learned_positional_embeddings=False, is_train_face=False),
+      _cogvideox, lambda d: dict(hidden_states={1: d.F, 3: d.p * d.H, 4: d.p * d.W}, encoder_hidden_states={1: d.T},
+                                 image_rotary_emb=({0: d.AUTO}, {0: d.AUTO})),
+      pipeline="ConsisIDPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _hunyuan15(cfg, geo, gen, B):
+    T, T2 = geo["text_len"], max(2, geo["text_len"] // 2)
+    out = dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_f"] or 1, geo["lat_h"], geo["lat_w"])
+               if geo["lat_f"] else gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]),
+               timestep=gen.rand(B, scale=1000.0),
+               encoder_hidden_states=gen.randn(B, T, cfg["text_embed_dim"]),
+               encoder_attention_mask=gen.mask(B, T, torch.long),
+               encoder_hidden_states_2=gen.randn(B, T2, cfg["text_embed_2_dim"]),
+               encoder_attention_mask_2=gen.mask(B, T2, torch.long))
+    if "image_embed_dim" in cfg:  # t2v passes zeros (no reference image)
+        out["image_embeds"] = gen.const(torch.zeros(B, 4, cfg["image_embed_dim"], dtype=gen.dtype))
+    out["return_dict"] = False
+    return out
+
+
+_more("HunyuanVideo15Transformer3DModel",
+      dict(in_channels=9, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
+           num_refiner_layers=2, mlp_ratio=2.0, patch_size=1, patch_size_t=1, text_embed_dim=32, text_embed_2_dim=16,
+           image_embed_dim=16, rope_axes_dim=(4, 6, 6), target_size=16, task_type="t2v"),
+      _hunyuan15, lambda d: dict(hidden_states={2: d.F, 3: d.p * d.H, 4: d.p * d.W}, encoder_hidden_states={1: d.T},
+                                 encoder_attention_mask={1: d.T}),
+      pipeline="HunyuanVideo15Pipeline", spatial=16, temporal=4, patch=(1, 1), tiny=(128, 128, 9, 16))
+_more("HunyuanImageTransformer2DModel",
+      dict(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
+           num_single_layers=2, num_refiner_layers=2, mlp_ratio=2.0, patch_size=(1, 1), text_embed_dim=32,
+           text_embed_2_dim=16, rope_axes_dim=(8, 8)),
+      _hunyuan15, lambda d: dict(hidden_states={2: d.p * d.H, 3: d.p * d.W}, encoder_hidden_states={1: d.T},
+                                 encoder_attention_mask={1: d.T}),
+      pipeline="HunyuanImagePipeline", spatial=32, temporal=None, patch=(1, 1), tiny=(256, 256, None, 16))
+
+
+def _framepack(cfg, geo, gen, B):
+    F, T, C = geo["lat_f"], geo["text_len"], cfg["in_channels"]
+    h, w = geo["lat_h"], geo["lat_w"]
+    ar = lambda n, s=0: gen.const(torch.arange(s, s + n))  # noqa: E731
+    # HunyuanVideoFramepackPipeline: 1 clean-latent frame before and after the section, 2 frames of 2x
+    # history, 16 of 4x; their indices come from one arange split in the pipeline's order
+    return dict(hidden_states=gen.randn(B, C, F, h, w), timestep=gen.rand(B, scale=1000.0),
+                encoder_hidden_states=gen.randn(B, T, cfg["text_embed_dim"]),
+                encoder_attention_mask=gen.mask(B, T, torch.long),
+                pooled_projections=gen.randn(B, cfg["pooled_projection_dim"]),
+                image_embeds=gen.randn(B, 4, cfg["image_proj_dim"]), indices_latents=ar(F, 1),
+                guidance=gen.full((B,), 10000.0),
+                latents_clean=gen.randn(B, C, 2, h, w), indices_latents_clean=gen.const(torch.tensor([0, F + 1])),
+                latents_history_2x=gen.randn(B, C, 2, h, w), indices_latents_history_2x=ar(2, F + 2),
+                latents_history_4x=gen.randn(B, C, 16, h, w), indices_latents_history_4x=ar(16, F + 4),
+                return_dict=False)
+
+
+_more("HunyuanVideoFramepackTransformer3DModel",
+      dict(in_channels=4, out_channels=4, num_attention_heads=4, attention_head_dim=16, num_layers=2,
+           num_single_layers=2, num_refiner_layers=2, mlp_ratio=2.0, patch_size=2, patch_size_t=1,
+           text_embed_dim=32, pooled_projection_dim=16, rope_axes_dim=(4, 6, 6), image_condition_type=None,
+           has_image_proj=True, image_proj_dim=16, has_clean_x_embedder=True),
+      _framepack, None, pipeline="HunyuanVideoFramepackPipeline", spatial=8, temporal=4, patch=(1, 2),
+      tiny=(64, 64, 9, 16))
+
+
+# ---- batch 3 ----
+
+_more("OvisImageTransformer2DModel",
+      dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+           num_attention_heads=4, joint_attention_dim=32, axes_dims_rope=(4, 6, 6)),
+      _flux_like, _dyn_packed, pipeline="OvisImagePipeline", spatial=8, temporal=None, pack=2, patch=(1, 1),
+      tiny=(128, 128, None, 16))
+
+
+def _qwen_like(cfg, geo, gen, B, text_dim_key="joint_attention_dim"):
+    H, W, T = geo["H"], geo["W"], geo["text_len"]
+    return dict(hidden_states=gen.randn(B, H * W, cfg["in_channels"]),
+                encoder_hidden_states=gen.randn(B, T, cfg[text_dim_key]),
+                encoder_hidden_states_mask=gen.mask(B, T, torch.long), timestep=gen.rand(B),
+                img_shapes=[(1, H, W)] * B, return_dict=False)
+
+
+_more("NucleusMoEImageTransformer2DModel",
+      dict(patch_size=2, in_channels=16, out_channels=4, num_layers=4, attention_head_dim=16, num_attention_heads=4,
+           num_key_value_heads=2, joint_attention_dim=32, axes_dims_rope=(4, 6, 6), mlp_ratio=2.0, moe_enabled=True,
+           dense_moe_strategy="leave_first_three_and_last_block_dense", num_experts=4, moe_intermediate_dim=16,
+           capacity_factors=8.0),
+      _qwen_like, None, pipeline="NucleusMoEImagePipeline", spatial=8, temporal=None, pack=2, patch=(1, 1),
+      tiny=(128, 128, None, 16))
+
+
+def _qwen21(cfg, geo, gen, B):
+    H, W, T = geo["H"], geo["W"], geo["text_len"]
+    img_mask = torch.zeros(B, T + H * W // 4, dtype=torch.bool)
+    img_mask[:, T:] = True  # the VLM's image slots, one per 2x2 latent tokens (text to image: the target only)
+    return dict(hidden_states=gen.randn(B, H * W, cfg["in_channels"]),
+                encoder_hidden_states=gen.randn(B, T, cfg["context_in_dim"]), timestep=gen.rand(B),
+                img_shapes=[[(1, H, W)]] * B, img_mask=gen.const(img_mask),
+                encoder_hidden_states_mask=gen.mask(B, T, torch.bool), return_dict=False)
+
+
+_more("QwenImage21Transformer2DModel",
+      dict(patch_size=1, in_channels=16, out_channels=16, num_layers=2, attention_head_dim=16, num_attention_heads=4,
+           context_in_dim=32, mlp_ratio=2, axes_dims_rope=(4, 6, 6)),
+      _qwen21, None, pipeline="QwenImage21Pipeline", spatial=8, temporal=None, pack=2, patch=(1, 1),
+      tiny=(128, 128, None, 16))
+
+
+def _prx(cfg, geo, gen, B):
+    T = geo["text_len"]
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]), timestep=gen.rand(B),
+                encoder_hidden_states=gen.randn(B, T, cfg["context_in_dim"]),
+                attention_mask=gen.mask(B, T, torch.bool), return_dict=False)
+
+
+_more("PRXTransformer2DModel",
+      dict(in_channels=4, patch_size=2, context_in_dim=32, hidden_size=64, mlp_ratio=2.0, num_heads=4, depth=2,
+           axes_dim=[8, 8]),
+      _prx, lambda d: dict(hidden_states={2: d.p * d.H, 3: d.p * d.W}, encoder_hidden_states={1: d.T},
+                           attention_mask={1: d.T}),
+      pipeline="PRXPipeline", spatial=8, temporal=None, patch=(1, 2), tiny=(128, 128, None, 16))
+
+
+def _helios(cfg, geo, gen, B):
+    F, C, h, w = geo["lat_f"], cfg["in_channels"], geo["lat_h"], geo["lat_w"]
+    ar = lambda n, s=0: gen.const(torch.arange(s, s + n).expand(B, -1))  # noqa: E731
+    return _wan_like(cfg, geo, gen, B, dict(
+        indices_hidden_states=ar(F, 3), indices_latents_history_short=ar(1, 2), indices_latents_history_mid=ar(1, 1),
+        indices_latents_history_long=ar(4), latents_history_short=gen.randn(B, C, 1, h, w),
+        latents_history_mid=gen.randn(B, C, 1, h, w), latents_history_long=gen.randn(B, C, 4, h, w)))
+
+
+_more("HeliosTransformer3DModel",
+      dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
+           text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, qk_norm="rms_norm_across_heads",
+           rope_dim=(4, 4, 4), has_multi_term_memory_patch=True, guidance_cross_attn=True, zero_history_timestep=True,
+           is_amplify_history=False),
+      _helios, None, pipeline="HeliosPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _motif(cfg, geo, gen, B):
+    T = geo["text_len"]
+    out = dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_f"], geo["lat_h"], geo["lat_w"]),
+               timestep=gen.rand(B, scale=1000.0), encoder_hidden_states=gen.randn(B, T, cfg["text_embed_dim"]),
+               encoder_attention_mask=gen.mask(B, T, torch.long))
+    out["return_dict"] = False
+    return out
+
+
+_more("MotifVideoTransformer3DModel",
+      dict(in_channels=9, out_channels=4, num_attention_heads=4, attention_head_dim=12, num_layers=2,
+           num_single_layers=2, num_decoder_layers=0, mlp_ratio=2.0, patch_size=2, patch_size_t=1, qk_norm="rms_norm",
+           text_embed_dim=32, rope_axes_dim=(4, 4, 4)),
+      _motif, lambda d: dict(hidden_states={2: d.F, 3: d.p * d.H, 4: d.p * d.W}, encoder_hidden_states={1: d.T},
+                             encoder_attention_mask={1: d.T}),
+      pipeline="MotifVideoPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _glm(cfg, geo, gen, B):
+    size = torch.tensor([[geo["height"], geo["width"]]] * B, dtype=gen.dtype)
+    n = geo["H"] * geo["W"]
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]),
+                encoder_hidden_states=gen.randn(B, geo["text_len"], cfg["text_embed_dim"]),
+                prior_token_id=gen.randint(cfg["prior_vq_quantizer_codebook_size"], B, n),
+                prior_token_drop=gen.const(torch.zeros(B, n, dtype=torch.bool)),
+                timestep=gen.rand(B, scale=1000.0), target_size=gen.const(size),
+                crop_coords=gen.const(torch.zeros(B, 2, dtype=gen.dtype)), return_dict=False)
+
+
+_more("GlmImageTransformer2DModel",
+      dict(patch_size=2, in_channels=4, out_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+           text_embed_dim=32, time_embed_dim=16, condition_dim=8, prior_vq_quantizer_codebook_size=64),
+      _glm, None, pipeline="GlmImagePipeline", spatial=8, temporal=None, patch=(1, 2), tiny=(128, 128, None, 16))
+
+
+def _zimage(cfg, geo, gen, B):
+    T = geo["text_len"]
+    return dict(x=[gen.randn(cfg["in_channels"], 1, geo["lat_h"], geo["lat_w"]) for _ in range(B)],
+                t=gen.rand(B), cap_feats=[gen.randn(T, cfg["cap_feat_dim"]) for _ in range(B)], return_dict=False)
+
+
+_more("ZImageTransformer2DModel",
+      dict(all_patch_size=(2,), all_f_patch_size=(1,), in_channels=4, dim=32, n_layers=2, n_refiner_layers=2,
+           n_heads=4, n_kv_heads=4, qk_norm=True, cap_feat_dim=32, rope_theta=256.0, t_scale=1000.0,
+           axes_dims=[4, 2, 2], axes_lens=[256, 32, 32]),
+      _zimage, None, pipeline="ZImagePipeline", spatial=8, temporal=None, patch=(1, 2), text_kwarg="cap_feats",
+      image_kwarg="x", tiny=(128, 128, None, 16))
+
+
+def _ernie(cfg, geo, gen, B):
+    T = geo["text_len"]
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]), timestep=gen.rand(B),
+                text_bth=gen.randn(B, T, cfg["text_in_dim"]),
+                text_lens=gen.const(torch.full((B,), max(1, T - T // 4), dtype=torch.long)), return_dict=False)
+
+
+_more("ErnieImageTransformer2DModel",
+      dict(hidden_size=32, num_attention_heads=4, num_layers=2, ffn_hidden_size=64, in_channels=16, out_channels=16,
+           patch_size=1, text_in_dim=32, rope_theta=256, rope_axes_dim=(4, 2, 2), qk_layernorm=True),
+      _ernie, lambda d: dict(hidden_states={2: d.H, 3: d.W}, text_bth={1: d.T}),
+      pipeline="ErnieImagePipeline", spatial=16, temporal=None, patch=(1, 1), text_kwarg="text_bth",
+      tiny=(128, 128, None, 16))
+
+
+def _kandinsky5(cfg, geo, gen, B):
+    F, H, W, T = geo["lat_f"], geo["H"], geo["W"], geo["text_len"]
+    return dict(hidden_states=gen.randn(B, F, geo["lat_h"], geo["lat_w"], cfg["in_visual_dim"]),
+                encoder_hidden_states=gen.randn(B, T, cfg["in_text_dim"]),
+                pooled_projections=gen.randn(B, cfg["in_text_dim2"]), timestep=gen.rand(B, scale=1000.0),
+                visual_rope_pos=[gen.const(torch.arange(F)), gen.const(torch.arange(H)), gen.const(torch.arange(W))],
+                text_rope_pos=gen.const(torch.arange(T)), scale_factor=(1.0, 2.0, 2.0), return_dict=False)
+
+
+_more("Kandinsky5Transformer3DModel",
+      dict(in_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=16, out_visual_dim=4, patch_size=(1, 2, 2),
+           model_dim=64, ff_dim=128, num_text_blocks=2, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False),
+      _kandinsky5, None, pipeline="Kandinsky5T2VPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+# ---- audio denoisers: "height" is the latent length (frames of the audio VAE), "width" 1 ----
+
+def _stable_audio(cfg, geo, gen, B):
+    from diffusers.models.embeddings import get_1d_rotary_pos_embed
+
+    L, T = geo["H"], geo["text_len"]
+    rope = get_1d_rotary_pos_embed(cfg["attention_head_dim"] // 2, L + 1, use_real=True, repeat_interleave_real=False)
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], L), timestep=gen.rand(B, scale=1000.0),
+                encoder_hidden_states=gen.randn(B, T, cfg["cross_attention_input_dim"]),
+                global_hidden_states=gen.randn(B, 1, cfg["global_states_input_dim"]),
+                rotary_embedding=_tree_const(gen, rope), return_dict=False)
+
+
+_AUDIO = dict(spatial=1, temporal=None, patch=(1, 1))
+_more("StableAudioDiTModel",
+      dict(sample_size=32, in_channels=4, num_layers=2, attention_head_dim=8, num_attention_heads=4,
+           num_key_value_attention_heads=2, out_channels=4, cross_attention_dim=32, time_proj_dim=16,
+           global_states_input_dim=32, cross_attention_input_dim=32),
+      _stable_audio, None, pipeline="StableAudioPipeline", tiny=(32, 1, None, 16), **_AUDIO)
+
+
+def _ace_step(cfg, geo, gen, B):
+    L, T, a = geo["H"], geo["text_len"], cfg["audio_acoustic_hidden_dim"]
+    return dict(hidden_states=gen.randn(B, L, a), timestep=gen.rand(B), timestep_r=gen.rand(B),
+                encoder_hidden_states=gen.randn(B, T, cfg["hidden_size"]),
+                context_latents=gen.randn(B, L, 2 * a), return_dict=False)
+
+
+_more("AceStepTransformer1DModel",
+      dict(hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+           head_dim=8, in_channels=24, audio_acoustic_hidden_dim=8, patch_size=2, rope_theta=10000.0,
+           sliding_window=16),
+      _ace_step, lambda d: dict(hidden_states={1: 2 * d.H}, encoder_hidden_states={1: d.T},
+                                context_latents={1: 2 * d.H}),
+      pipeline="AceStepPipeline", tiny=(64, 1, None, 16), **_AUDIO)
+
+
+def _longcat_audio(cfg, geo, gen, B):
+    L, T = geo["H"], geo["text_len"]
+    return dict(hidden_states=gen.randn(B, L, cfg["latent_dim"]),
+                encoder_hidden_states=gen.randn(B, T, cfg["dit_text_dim"]),
+                encoder_attention_mask=gen.mask(B, T, torch.bool), timestep=gen.rand(B), return_dict=False)
+
+
+_more("LongCatAudioDiTTransformer",
+      dict(dit_dim=32, dit_depth=2, dit_heads=4, dit_text_dim=32, latent_dim=8, text_conv=False),
+      _longcat_audio, lambda d: dict(hidden_states={1: d.H}, encoder_hidden_states={1: d.T},
+                                     encoder_attention_mask={1: d.T}),
+      pipeline="LongCatAudioDiTPipeline", tiny=(32, 1, None, 16), **_AUDIO)
+
+
+def _minimax_music(cfg, geo, gen, B):
+    L = geo["H"]
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], L),
+                encoder_hidden_states=gen.randn(B, L, cfg["condition_dim"]), timestep=gen.rand(B), return_dict=False)
+
+
+_more("MiniMaxMusic3Transformer1DModel",
+      dict(in_channels=8, condition_dim=16, num_layers=2, num_attention_heads=4, attention_head_dim=8,
+           ff_inner_dim=64, rotary_dim=4, fourier_embedding_dim=8),
+      _minimax_music, lambda d: dict(hidden_states={2: d.H}, encoder_hidden_states={1: d.H}),
+      pipeline="MiniMaxMusic3Pipeline", text_kwarg=None, tiny=(32, 1, None, None), **_AUDIO)
+
+
+# ---- batch 4: more video / image ----
+
+def _ltx2(cfg, geo, gen, B):
+    F, H, W, T = geo["F"], geo["H"], geo["W"], geo["text_len"]
+    A = 2 * F + 1  # audio latent frames for the clip (LTX2Pipeline: duration * rate / hop / 4)
+    return dict(hidden_states=gen.randn(B, F * H * W, cfg["in_channels"]),
+                audio_hidden_states=gen.randn(B, A, cfg["audio_in_channels"]),
+                encoder_hidden_states=gen.randn(B, T, cfg["caption_channels"]),
+                audio_encoder_hidden_states=gen.randn(B, T, cfg["caption_channels"]),
+                timestep=gen.rand(B, scale=1000.0), encoder_attention_mask=gen.mask(B, T, torch.bool),
+                audio_encoder_attention_mask=gen.mask(B, T, torch.bool),
+                num_frames=F, height=H, width=W, fps=25.0, audio_num_frames=A, return_dict=False)
+
+
+_more("LTX2VideoTransformer3DModel",
+      dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+           cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=4,
+           audio_attention_head_dim=8, audio_cross_attention_dim=32, num_layers=2, caption_channels=32,
+           rope_double_precision=False),
+      _ltx2, lambda d: dict(encoder_hidden_states={1: d.T}, encoder_attention_mask={1: d.T},
+                            audio_encoder_hidden_states={1: d.T}, audio_encoder_attention_mask={1: d.T}),
+      pipeline="LTX2Pipeline", spatial=32, temporal=8, patch=(1, 1), tiny=(128, 128, 17, 16))
+
+
+def _anyflow(cfg, geo, gen, B):
+    F = geo["lat_f"]
+    return dict(hidden_states=gen.randn(B, F, cfg["in_channels"], geo["lat_h"], geo["lat_w"]),
+                timestep=gen.full((B, F), 500.0), r_timestep=gen.full((B, F), 250.0),
+                encoder_hidden_states=gen.randn(B, geo["text_len"], cfg["text_dim"]), return_dict=False)
+
+
+_more("AnyFlowTransformer3DModel",
+      dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=4, out_channels=4,
+           text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True, rope_max_seq_len=32),
+      _anyflow, lambda d: dict(hidden_states={3: d.p * d.H, 4: d.p * d.W}, encoder_hidden_states={1: d.T}),
+      pipeline="AnyFlowPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _wan_animate(cfg, geo, gen, B):
+    C, F, h, w = cfg["latent_channels"], geo["lat_f"], geo["lat_h"], geo["lat_w"]
+    s = cfg["motion_encoder_size"]
+    return _wan_like(cfg, geo, gen, B, dict(
+        encoder_hidden_states_image=gen.randn(B, 4, cfg["image_dim"]),
+        pose_hidden_states=gen.randn(B, C, F - 1, h, w),
+        face_pixel_values=gen.randn(B, 3, 4 * (F - 1) + 1, s, s)))
+
+
+_more("WanAnimateTransformer3DModel",
+      dict(patch_size=(1, 2, 2), num_attention_heads=4, attention_head_dim=12, in_channels=12, latent_channels=4,
+           out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2, cross_attn_norm=True,
+           qk_norm="rms_norm_across_heads", image_dim=16, rope_max_seq_len=32,
+           motion_encoder_channel_sizes={"4": 16, "8": 16, "16": 16}, motion_encoder_size=16, motion_style_dim=8,
+           motion_dim=4, motion_encoder_dim=16, face_encoder_hidden_dim=16, face_encoder_num_heads=2,
+           inject_face_latents_blocks=2),
+      _wan_animate, None, pipeline="WanAnimatePipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _joyimage(cfg, geo, gen, B):
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], 1, geo["lat_h"], geo["lat_w"]), timestep=gen.rand(B),
+                encoder_hidden_states=gen.randn(B, geo["text_len"], cfg["text_dim"]), return_dict=False)
+
+
+_more("JoyImageEditTransformer3DModel",
+      dict(patch_size=[1, 2, 2], in_channels=4, hidden_size=64, num_attention_heads=4, text_dim=32, num_layers=2,
+           rope_dim_list=[4, 6, 6], theta=256),
+      _joyimage, lambda d: dict(hidden_states={3: d.p * d.H, 4: d.p * d.W}, encoder_hidden_states={1: d.T}),
+      pipeline="JoyImageEditPipeline", spatial=8, temporal=None, patch=(1, 2), tiny=(128, 128, None, 16))
+
+
+def _krea2(cfg, geo, gen, B):
+    H, W, T = geo["H"], geo["W"], geo["text_len"]
+    pos = torch.zeros(T + H * W, 3)
+    pos[T:, 1:] = _ids_grid(1, H, W)[:, 1:].to(pos.dtype)
+    return dict(hidden_states=gen.randn(B, H * W, cfg["in_channels"]),
+                encoder_hidden_states=gen.randn(B, T, cfg["num_text_layers"], cfg["text_hidden_dim"]),
+                timestep=gen.rand(B), position_ids=gen.const(pos.to(gen.dtype)),
+                encoder_attention_mask=gen.mask(B, T, torch.bool), return_dict=False)
+
+
+_more("Krea2Transformer2DModel",
+      dict(in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, num_key_value_heads=2,
+           intermediate_size=64, timestep_embed_dim=16, text_hidden_dim=16, num_text_layers=2,
+           text_num_attention_heads=2, text_num_key_value_heads=1, text_intermediate_size=32,
+           num_layerwise_text_blocks=2, num_refiner_text_blocks=2, axes_dims_rope=(4, 2, 2)),
+      _krea2, None, pipeline="Krea2Pipeline", spatial=8, temporal=None, pack=2, patch=(1, 1),
+      tiny=(128, 128, None, 16))
+
+
+def _bria_fibo(cfg, geo, gen, B):
+    out = _flux_like(cfg, geo, gen, B)
+    # BriaFiboPipeline: one text-encoder hidden state per transformer block
+    out["text_encoder_layers"] = [gen.randn(B, geo["text_len"], cfg["text_encoder_dim"])
+                                  for _ in range(cfg["num_layers"] + cfg["num_single_layers"])]
+    return out
+
+
+_more("BriaFiboTransformer2DModel",
+      dict(patch_size=1, in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+           num_attention_heads=4, joint_attention_dim=64, text_encoder_dim=32, pooled_projection_dim=None,
+           axes_dims_rope=(0, 8, 8)),
+      _bria_fibo, None, pipeline="BriaFiboPipeline", spatial=8, temporal=None, pack=2, patch=(1, 1),
+      tiny=(128, 128, None, 16))
+
+
+_more("Flux3Transformer2DModel",
+      dict(in_channels=16, cond_in_channels=16, num_layers=2, num_single_layers=2, attention_head_dim=16,
+           num_attention_heads=4, joint_attention_dim=32, timestep_channels=32, axes_dims_rope=(4, 4, 4, 4)),
+      lambda c, g, gen, B: _flux_like(c, g, gen, B, ids_dims=4), _dyn_packed,
+      pipeline="Flux3Pipeline", spatial=8, temporal=None, pack=2, patch=(1, 1), tiny=(128, 128, None, 16))
+
+
+# ---- batch 5 ----
+
+def _ideogram4(cfg, geo, gen, B):
+    from diffusers.models.transformers import transformer_ideogram4 as m
+
+    H, W, T = geo["H"], geo["W"], geo["text_len"]
+    L, C, D = T + H * W, cfg["in_channels"], cfg["llm_features_dim"]
+    # Ideogram4Pipeline: one sequence of [text slots | image tokens]; the latent lives in the image slots and
+    # the LLM features in the text slots (zeros elsewhere); 3-axis positions, image ones offset
+    x = gen.randn(B, L, C)
+    enc = gen.randn(B, L, D)
+    if not gen.meta:
+        x[:, :T] = 0
+        enc[:, T:] = 0
+    pos = torch.zeros(B, L, 3, dtype=torch.long)
+    pos[:, :T] = torch.arange(T)[:, None]
+    grid = _ids_grid(1, H, W)
+    pos[:, T:, 0] = m.IMAGE_POSITION_OFFSET
+    pos[:, T:, 1:] = grid[:, 1:] + m.IMAGE_POSITION_OFFSET
+    ind = torch.full((B, L), m.OUTPUT_IMAGE_INDICATOR, dtype=torch.long)
+    ind[:, :T] = m.LLM_TOKEN_INDICATOR
+    return dict(hidden_states=x, encoder_hidden_states=enc, timestep=gen.rand(B), position_ids=gen.const(pos),
+                segment_ids=gen.const(torch.ones(B, L, dtype=torch.long)), indicator=gen.const(ind),
+                return_dict=False)
+
+
+_more("Ideogram4Transformer2DModel",
+      dict(in_channels=16, num_layers=2, attention_head_dim=8, num_attention_heads=4, intermediate_size=64,
+           adaln_dim=16, llm_features_dim=24, rope_theta=10_000, mrope_section=(2, 1, 1)),
+      _ideogram4, None, pipeline="Ideogram4Pipeline", spatial=8, temporal=None, pack=2, patch=(1, 1),
+      tiny=(128, 128, None, 16))
+
+
+def _stable_audio3(cfg, geo, gen, B):
+    L, T = geo["H"], geo["text_len"]
+    return dict(hidden_states=gen.randn(B, cfg["io_channels"], L), timestep=gen.rand(B),
+                encoder_hidden_states=gen.randn(B, T, cfg["cond_token_dim"]),
+                global_hidden_states=gen.randn(B, cfg["global_cond_dim"]),
+                encoder_attention_mask=gen.mask(B, T, torch.bool), return_dict=False)
+
+
+_more("StableAudio3DiTModel",
+      dict(io_channels=8, patch_size=1, embed_dim=32, depth=2, num_heads=4, cond_token_dim=16, global_cond_dim=12,
+           local_add_cond_dim=5, timestep_features_dim=16, ff_mult=2, num_memory_tokens=3,
+           use_differential_attention=True),
+      _stable_audio3, lambda d: dict(hidden_states={2: d.H}, encoder_hidden_states={1: d.T},
+                                     encoder_attention_mask={1: d.T}),
+      pipeline="StableAudio3Pipeline", tiny=(32, 1, None, 16), **_AUDIO)
+
+
+def _omnigen(cfg, geo, gen, B):
+    H, W, T = geo["H"], geo["W"], geo["text_len"]
+    L = T + 1 + H * W  # text, the time token, the image tokens (OmniGenMultiModalProcessor's layout)
+    mask = torch.tril(torch.ones(L, L))
+    mask[T:, :] = 1  # the time and image tokens attend to everything (causal text, bidirectional image)
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]), timestep=gen.rand(B),
+                input_ids=gen.randint(cfg["vocab_size"], B, T), input_img_latents=[], input_image_sizes={},
+                attention_mask=gen.const(mask.expand(B, L, L).to(gen.dtype)),
+                position_ids=gen.const(torch.arange(L).expand(B, L)), return_dict=False)
+
+
+_more("OmniGenTransformer2DModel",
+      dict(hidden_size=32, num_attention_heads=4, num_key_value_heads=4, intermediate_size=64, num_layers=2,
+           pad_token_id=0, vocab_size=1000, in_channels=4, time_step_dim=16, pos_embed_max_size=32,
+           rope_scaling={"long_factor": [1.0, 1.0, 1.0, 1.0], "short_factor": [1.0, 1.0, 1.0, 1.0]}),
+      _omnigen, None, pipeline="OmniGenPipeline", spatial=8, temporal=None, patch=(1, 2), text_kwarg="input_ids",
+      tiny=(128, 128, None, 16))
+
+
+def _kandinsky6(cfg, geo, gen, B):
+    F, T = geo["lat_f"], geo["text_len"]
+    return dict(hidden_states=gen.randn(B, F, geo["lat_h"], geo["lat_w"], cfg["in_visual_dim"]),
+                encoder_hidden_states=gen.randn(B, T, cfg["in_text_dim"]),
+                pooled_projections=gen.randn(B, cfg["in_text_dim2"]), timestep=gen.rand(B, scale=1000.0),
+                encoder_attention_mask=gen.mask(B, T, torch.bool), return_dict=False)
+
+
+_more("Kandinsky6Transformer3DModel",
+      dict(in_visual_dim=4, out_visual_dim=4, in_text_dim=32, in_text_dim2=16, time_dim=16, patch_size=(1, 2, 2),
+           model_dim=64, ff_dim=128, num_text_blocks=2, num_visual_blocks=2, axes_dims=(4, 6, 6), visual_cond=False,
+           in_audio_dim=4, out_audio_dim=4),
+      _kandinsky6, None, pipeline="Kandinsky6TI2VAPipeline", spatial=8, temporal=4, patch=(1, 2),
+      tiny=(64, 64, 9, 16))
+
+
+def _kandinsky6_sr(cfg, geo, gen, B):
+    # Kandinsky6SRPipeline: [noisy latent | upsampled low-res latent | mask], channels last
+    return dict(hidden_states=gen.randn(B, geo["lat_f"], geo["lat_h"], geo["lat_w"], cfg["in_visual_dim"] * 2 + 1),
+                timestep=gen.rand(B, scale=1000.0), return_dict=False)
+
+
+_more("Kandinsky6SRTransformer3DModel",
+      dict(in_visual_dim=8, out_visual_dim=4, time_dim=16, patch_size=(1, 1, 1), model_dim=64, ff_dim=128,
+           num_visual_blocks=2, axes_dims=(4, 6, 6)),
+      _kandinsky6_sr, lambda d: dict(hidden_states={1: d.F, 2: d.H, 3: d.W}),
+      pipeline="Kandinsky6SRPipeline", spatial=8, temporal=4, patch=(1, 1), text_kwarg=None, tiny=(128, 128, 9, None))
+
+
+def _prior(cfg, geo, gen, B):
+    # the denoised "sample" is one CLIP image embedding; the sequence is the text tokens plus a few slots
+    d = cfg["embedding_dim"]
+    return dict(hidden_states=gen.randn(B, d), timestep=gen.rand(B, scale=1000.0), proj_embedding=gen.randn(B, d),
+                encoder_hidden_states=gen.randn(B, cfg["num_embeddings"], d),
+                attention_mask=gen.mask(B, cfg["num_embeddings"], torch.bool), return_dict=False)
+
+
+_more("PriorTransformer",
+      dict(num_attention_heads=4, attention_head_dim=8, num_layers=2, embedding_dim=32, num_embeddings=16,
+           additional_embeddings=4),
+      _prior, None, pipeline="KandinskyPriorPipeline", spatial=1, temporal=None, patch=(1, 1), image_kwarg=None,
+      tiny=(1, 1, None, 16))
+
+
+def _bria_fibo2(cfg, geo, gen, B):
+    T = geo["text_len"]
+    # the text encoder's bundles: the Perceiver's first, then one per injection block
+    bundles = 1 + len(cfg["injection_layer_ids"])
+    return dict(hidden_states=gen.randn(B, cfg["in_channels"], geo["lat_h"], geo["lat_w"]), timestep=gen.rand(B),
+                encoder_hidden_states=gen.randn(B, bundles, T, cfg["cap_feat_dim"]), return_dict=False)
+
+
+_more("BriaFibo2Transformer2DModel",
+      dict(in_channels=4, patch_size=2, dim=32, n_layers=2, n_refiner_layers=2, n_heads=4, cap_feat_dim=16,
+           injection_layer_ids=(0, 1), perceiver_num_layers=2, min_num_gist_tokens=4, max_num_gist_tokens=8,
+           gist_step=4, gist_min_text_len=4, gist_max_text_len=32, axes_dims=(4, 2, 2), axes_lens=(64, 32, 32)),
+      _bria_fibo2, lambda d: dict(hidden_states={2: d.p * d.H, 3: d.p * d.W}),
+      pipeline="BriaFibo2Pipeline", spatial=8, temporal=None, patch=(1, 2), tiny=(128, 128, None, 16))
+
+
+def _minimax_h3(cfg, geo, gen, B):
+    F, H, W, T = geo["F"], geo["H"], geo["W"], geo["text_len"]
+    A, V = 2 * F + 2, F * H * W  # audio latent frames for the clip; video tokens
+    L = T + A + V
+    pt, ph, pw = cfg["patch_size"]
+    # one packed sequence [text | audio | video] (MiniMaxH3Pipeline's order); tags 0 video, 1 text, 2 audio;
+    # timestep row 0 for text and video, row 1 for audio (its own schedule)
+    tags = torch.zeros(L, dtype=torch.long)
+    tags[:T], tags[T:T + A] = 1, 2
+    t_idx = torch.zeros(L, dtype=torch.long)
+    t_idx[T:T + A] = 1
+    pos = torch.zeros(L, 3)
+    pos[:T + A, 0] = torch.arange(T + A, dtype=torch.float32)
+    grid = _ids_grid(F, H, W).float()
+    pos[T + A:] = grid + torch.tensor([T + A, 0.0, 0.0])
+    return dict(hidden_states=gen.randn(B, V, cfg["in_channels"] * pt * ph * pw),
+                audio_hidden_states=gen.randn(B, A, cfg["audio_in_channels"]),
+                encoder_hidden_states=gen.randn(B, T, cfg["text_dim"]), timestep=gen.rand(2),
+                timestep_indices=gen.const(t_idx), token_tags=gen.const(tags), position_ids=gen.const(pos.to(gen.dtype)),
+                video_indices=gen.const(torch.arange(T + A, L)), audio_indices=gen.const(torch.arange(T, T + A)),
+                text_indices=gen.const(torch.arange(T)), return_dict=False)
+
+
+_more("MiniMaxH3Transformer3DModel",
+      dict(num_attention_heads=4, attention_head_dim=16, hidden_size=48, num_layers=2, num_refiner_layers=2,
+           ffn_dim=64, in_channels=4, audio_in_channels=6, patch_size=(1, 2, 2), text_dim=16, freq_dim=16,
+           time_embed_hidden_dim=48, time_embed_dim=16, rope_freq_dim=2),
+      _minimax_h3, None, pipeline="MiniMaxH3Pipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _joy_plus(cfg, geo, gen, B):
+    # JoyImageEditPlusPipeline patchifies outside: [B, tokens, C, pt, ph, pw]; shape_list is the (t, h, w) token
+    # grid of each image (text to image: the target only)
+    H, W, T = geo["H"], geo["W"], geo["text_len"]
+    pt, ph, pw = cfg["patch_size"]
+    return dict(hidden_states=gen.randn(B, H * W, cfg["in_channels"], pt, ph, pw), timestep=gen.rand(B),
+                encoder_hidden_states=gen.randn(B, T, cfg["text_dim"]),
+                encoder_hidden_states_mask=gen.mask(B, T, torch.long), shape_list=[[(1, H, W)]] * B,
+                return_dict=False)
+
+
+_more("JoyImageEditPlusTransformer3DModel",
+      dict(patch_size=[1, 2, 2], in_channels=4, hidden_size=64, num_attention_heads=4, text_dim=32, num_layers=2,
+           rope_dim_list=[4, 6, 6], theta=256),
+      _joy_plus, None, pipeline="JoyImageEditPlusPipeline", spatial=8, temporal=None, patch=(1, 2),
+      tiny=(128, 128, None, 16))
+
+
+def _anyflow_far(cfg, geo, gen, B):
+    out = _anyflow(cfg, geo, gen, B)
+    F = geo["lat_f"]
+    out["chunk_partition"] = [1, F - 1] if F > 1 else [1]  # first frame, then the rest (the model builds the mask)
+    out["return_dict"] = out.pop("return_dict")
+    return out
+
+
+_more("AnyFlowFARTransformer3DModel",
+      dict(patch_size=(1, 2, 2), compressed_patch_size=(1, 4, 4), full_chunk_limit=3, num_attention_heads=4,
+           attention_head_dim=12, in_channels=4, out_channels=4, text_dim=32, freq_dim=32, ffn_dim=64, num_layers=2,
+           cross_attn_norm=True, rope_max_seq_len=32),
+      _anyflow_far, None, pipeline="AnyFlowFARPipeline", spatial=8, temporal=4, patch=(1, 2), tiny=(64, 64, 9, 16))
+
+
+def _sana_wm_refiner(cfg, geo, gen, B):
+    F, H, W, T = geo["F"], geo["H"], geo["W"], geo["text_len"]
+    # SanaWMLTX2Refiner builds the RoPE of the window's absolute frames with the model's own method; the module
+    # has no weights there, so a throwaway instance of the tiny config computes it
+    import diffusers
+
+    with torch.random.fork_rng():
+        rope_model = diffusers.SanaWMLTX2RefinerTransformer3DModel(**_CONFIGS["SanaWMLTX2RefinerTransformer3DModel"]
+                                                                  ["tiny"])
+    cos, sin = rope_model.build_rotary_emb_for_absolute_positions(B, list(range(F)), H, W, "cpu", 24.0)
+    return dict(hidden_states=gen.randn(B, F * H * W, cfg["in_channels"]),
+                encoder_hidden_states=gen.randn(B, T, cfg["caption_channels"]),
+                timestep=gen.rand(B, F * H * W, scale=1000.0), video_rotary_emb=(gen.const(cos), gen.const(sin)),
+                encoder_attention_mask=gen.mask(B, T, torch.long), return_dict=False)
+
+
+_more("SanaWMLTX2RefinerTransformer3DModel",
+      dict(in_channels=8, out_channels=8, patch_size=1, patch_size_t=1, num_attention_heads=4, attention_head_dim=8,
+           cross_attention_dim=32, audio_in_channels=8, audio_out_channels=8, audio_num_attention_heads=4,
+           audio_attention_head_dim=8, audio_cross_attention_dim=32, num_layers=2, caption_channels=32,
+           rope_double_precision=False),
+      _sana_wm_refiner, None, pipeline="SanaWMLTX2Refiner", spatial=32, temporal=8, patch=(1, 1),
+      tiny=(128, 128, 17, 16))
+
+
+# ---- registry ------------------------------------------------------------------------------
+
+def _register_more():
+    for name, (cfg, info, builder, dyn) in _MORE.items():
+        MORE_NAMES.append(name)
+        ALL_NAMES.append(name)
+        _CONFIGS[name] = {"tiny": cfg}
+        info = dict(info)
+        info.setdefault("text_kwarg", "encoder_hidden_states")
+        info.setdefault("image_kwarg", "hidden_states")
+        _INFO[name] = info
+        _BUILDERS[name] = builder
+        if dyn is not None:
+            _DYN[name] = dyn
+        SIZES[name] = ["tiny"]
+
+
+_DYN: dict[str, Callable] = {}
+_register_more()
+
+# Classes diffusers exports under a DiT-like name that are not a diffusion denoiser, and why.
+EXCLUDED: dict[str, str] = {
+    "Transformer2DModel": "generic transformer block (the cross-attention blocks of UNets); the DiT and PixArt "
+                          "checkpoints that used it load as DiTTransformer2DModel / PixArtTransformer2DModel (in NAMES)",
+    "TransformerTemporalModel": "temporal-attention block inside video UNets (AnimateDiff, VideoLDM), not a denoiser",
+    "DreamLiteTransformer2DModel": "transformer block inside DreamLiteUNetModel (the DreamLite denoiser is the UNet)",
+    "HunyuanDiT2DControlNetModel": "ControlNet: returns residuals for HunyuanDiT2DModel's blocks, not a prediction",
+    "HunyuanDiT2DMultiControlNetModel": "a list of HunyuanDiT2DControlNetModel (ControlNet), not a denoiser",
+    "LongCatAudioDiTVae": "the audio VAE of LongCat-AudioDiT (its denoiser, LongCatAudioDiTTransformer, is in the zoo)",
+    "MiniMaxMusic3RVQDepthDecoder": "decodes residual-VQ codes of MiniMax-Music-3 (autoregressive), not a denoiser",
+    "T5FilmDecoder": "not a DiT: the T5 decoder with FiLM of the deprecated SpectrogramDiffusionPipeline (MIDI to "
+                     "spectrogram frames); outside the *Transformer*/DiT classes this zoo covers",
+}
+
+# Denoisers not yet in the zoo: what failed when building or running the tiny forward.
+PENDING: dict[str, str] = {
+    "WanAnimate2Transformer3DModel": "forward takes lists of per-sample tensors and a required kv_cache, "
+        "kv_cache_mode and seq_len: a first 'extract' pass over the reference tokens fills a K/V cache, then the "
+        "'cached' pass attends through a flex-attention BlockMask (flex backend only, compiled); not reproduced",
+    "Cosmos3OmniTransformer": "unified autoregressive + diffusion LLM: input_ids, text/vision index tensors and "
+        "per-modality token lists (variable layout); not a fixed-shape denoiser call",
+    "SanaWMTransformer3DModel": "world model: camera conditions, Plücker rays, chunked causal linear attention "
+        "(data_info / chunk_size); inputs not reproduced",
+    "RFD4ProteinaTransformer": "not tried: protein-structure flow model (backbone coordinates, ~30 per-residue "
+        "and pair feature inputs), no image / video tokens",
+}

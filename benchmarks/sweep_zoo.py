@@ -1,0 +1,372 @@
+"""Sweep the model zoo: capture, analysis and exact sequence parallelism for every zoo class (CPU, gloo).
+
+    OMP_NUM_THREADS=1 python benchmarks/sweep_zoo.py                      # every class, writes results/sweep_zoo.md
+    python benchmarks/sweep_zoo.py --models FluxTransformer2DModel AuraFlowTransformer2DModel --inductor
+
+Per class (tiny size, ``zoo.make_inputs`` defaults), in a process of its own with a time limit
+(``--timeout``; a class that fails or runs over it is a row with its error, the sweep goes on):
+
+1. ``ditpass.capture`` with ``dynamic_shapes="auto"`` (what ``parallelize`` does): the method
+   (``export-dynamic`` / ``export-static`` whole, ``dynamo`` pieces), seconds, and why the strategies
+   before it failed.
+2. ``ditpass.analyze``: attention sites by kind, token classes (sequences a sequence-parallel pass can
+   shard) and the inputs that carry a token dim.
+3. ``ulysses=2`` and ``ring=2`` on 2 gloo processes forked from the one that captured (they share the
+   capture), against the single-process output: max abs diff over both ranks, and the share of attention
+   sites (and of their SDPA FLOPs, ``4 * B * heads * q_len * kv_len * head_dim``) whose site-table entry
+   has a sequence-parallel strategy (``SiteStrategy.seq``), i.e. that each rank computes on its shard.
+   ``ReplicatedWarning`` (sites every rank computes whole) and the pass's first note are kept.
+4. With ``--inductor``: ``Plan(compile="inductor")`` on one process against the eager output (slow on CPU).
+
+Status: ``exact+sharded`` when the capture is whole and both plans are within ``TOL`` with at least one
+site sharded; ``exact, replicated`` when exact but no site is sharded; otherwise the first failure.
+`equivalence` is the 2-process check, also used by tests/test_zoo_sweep.py with several models per run.
+"""
+from __future__ import annotations
+
+import argparse
+import math
+import os
+import queue
+import signal
+import sys
+import time
+import traceback
+import warnings
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO / "tests"))  # dist_utils
+
+import torch  # noqa: E402
+
+TOL = 1e-4
+PLANS = [dict(ulysses=2), dict(ring=2)]
+OUT = REPO / "benchmarks" / "results" / "sweep_zoo.md"
+
+
+def first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return f"{type(e).__name__}: {text[0][:220] if text else ''}"
+
+
+def _hint(x) -> int:
+    """The example value of a size; raises for an unbacked one (a length that depends on data, e.g. after
+    ``nonzero``), whose value the capture does not know."""
+    if isinstance(x, int):
+        return x
+    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+
+    return int(guarding_hint_or_throw(x))
+
+
+def site_flops(captured) -> dict[str, int | None]:
+    """SDPA FLOPs (``4 * prod(q.shape[:-1]) * kv_len * head_dim``) of each attention node of the capture, by
+    node name, at the example sizes (symbolic sizes read through their hints; None where a size is unbacked)."""
+    from ditpass.analysis import is_sdpa
+
+    out = {}
+    for node in captured.graph.nodes:
+        if not is_sdpa(node):
+            continue
+        try:
+            q, k = node.args[0].meta["val"], node.args[1].meta["val"]
+            qs = [_hint(s) for s in q.shape]
+            out[node.name] = 4 * math.prod(qs[:-1]) * _hint(k.shape[-2]) * qs[-1]
+        except Exception:  # noqa: BLE001 - unknown: the class then has no FLOPs share
+            out[node.name] = None
+    return out
+
+
+def _rank_worker(rank, world, entries, plans):
+    """In each rank: every plan on every model; per model and plan a dict of results (errors caught, so that
+    a plan that fails the same way on every rank does not stop the others)."""
+    import ditpass
+    from ditpass.passes.sequence_parallel import ReplicatedWarning
+    from dist_utils import first_output
+
+    warnings.filterwarnings("ignore")
+    out = {}
+    for name, model, inputs, ref, flops in entries:
+        res = []
+        for fields in plans:
+            r = dict(plan=",".join(f"{k}={v}" for k, v in fields.items()))
+            try:
+                with warnings.catch_warnings(record=True) as seen:
+                    warnings.simplefilter("always", ReplicatedWarning)
+                    pm = ditpass.parallelize(model, ditpass.Plan(**fields))
+                    with torch.no_grad():
+                        y = first_output(pm(**inputs))
+                rec = pm.ditpass_records[0]
+                sites = list(rec.sites)
+                seq = [s for s in sites if s.seq is not None]
+                res_sp = next((p for p in rec.results if p.name == "sequence_parallel"), None)
+                fl = [flops.get(s.node, 0) for s in sites]
+                total = None if None in fl else sum(fl)
+                r.update(diff=float((y.float() - ref.float()).abs().max()), shape_ok=tuple(y.shape) == tuple(ref.shape),
+                         sites=len(sites), sharded=len(seq),
+                         flops_share=(sum(flops.get(s.node, 0) for s in seq) / total) if total else None,
+                         strategies=sorted({s.describe().split(" (")[0] for s in sites}),
+                         notes=list(res_sp.notes[:2]) if res_sp else [],
+                         replicated=[str(w.message) for w in seen if issubclass(w.category, ReplicatedWarning)][:1])
+            except Exception as e:  # noqa: BLE001 - recorded in the table
+                r["error"] = first_line(e)
+            res.append(r)
+        out[name] = res
+    return out
+
+
+def equivalence(entries, plans=PLANS, world=2, timeout=600):
+    """``entries``: ``(name, model, inputs)``. Computes each reference and capture here, then runs every plan on
+    every model in ``world`` ranks forked from this process (one process group for all). Returns
+    ``{name: [per plan: {plan, diff (max over ranks), sites, sharded, flops_share, ...} or {error}]}``."""
+    import ditpass
+    from dist_utils import first_output, run_distributed
+
+    prepared = []
+    for name, model, inputs in entries:
+        with torch.no_grad():
+            ref = first_output(model(**inputs))
+        captured = ditpass.capture(model, **inputs)
+        prepared.append((name, model, inputs, ref, site_flops(captured)))
+
+    def forked(rank, world_size):
+        return _rank_worker(rank, world_size, prepared, plans)
+
+    forked.__qualname__ = "sweep_zoo._rank_worker"
+    per_rank = run_distributed(forked, world, timeout=timeout, start_method="fork")
+    merged = {}
+    for name in per_rank[0]:
+        rows = []
+        for i, r0 in enumerate(per_rank[0][name]):
+            r = dict(r0)
+            errs = [pr[name][i].get("error") for pr in per_rank if "error" in pr[name][i]]
+            if errs:
+                r["error"] = errs[0]
+            elif "diff" in r:
+                r["diff"] = max(pr[name][i]["diff"] for pr in per_rank)
+            rows.append(r)
+        merged[name] = rows
+    return merged
+
+
+def _innermost(err: str) -> str:
+    """``PassError: pass ... failed (...): ValueError: no token sequence found: ...`` -> the innermost error, short."""
+    import re
+
+    starts = [m.start() for m in re.finditer(r"\b[A-Z]\w*(Error|Exception): ", err)]
+    inner = err[starts[-1]:] if starts else err
+    return inner if len(inner) <= 80 else inner[:77] + "..."
+
+
+def exact_and_sharded(r: dict) -> bool:
+    return "error" not in r and r.get("shape_ok") and r["diff"] <= TOL and r["sharded"] > 0
+
+
+# --------------------------------------------------------------------------------------------
+# one class
+# --------------------------------------------------------------------------------------------
+
+
+def sweep_one(name: str, inductor: bool = False, timeout: float = 300) -> dict:
+    """Everything the table needs for one zoo class; exceptions end up in ``row["error"]``."""
+    import ditpass
+    from ditpass.models import zoo
+
+    row = dict(name=name, new=name in zoo.MORE_NAMES)
+    t0 = time.perf_counter()
+    stage = "build"
+    try:
+        torch.manual_seed(0)
+        model = zoo.build(name)
+        inputs = zoo.make_inputs(name)
+        stage = "forward"
+        t = time.perf_counter()
+        with torch.no_grad():
+            model(**inputs)
+        row["forward_s"] = time.perf_counter() - t
+        stage = "capture"
+        cap = ditpass.capture(model, **inputs)
+        row.update(method=cap.method, capture_s=cap.seconds, whole=cap.whole, graphs=len(cap.graph_modules),
+                   capture_errors={m: e.splitlines()[0][:200] for m, e in cap.errors.items()})
+        if not cap.whole:
+            row["status"] = "capture in pieces"
+            return row
+        stage = "analysis"
+        a = ditpass.analyze(cap.graph_module)
+        row.update(kinds=a.kinds(), token_classes=[", ".join(r) for r in a.token_classes.values()],
+                   token_inputs=sorted(a.inputs), const_sites=len(a.const_segments))
+        stage = "sequence parallel"
+        res = equivalence([(name, model, inputs)], timeout=max(30.0, timeout - (time.perf_counter() - t0) - 5))
+        row["sp"] = res[name]
+        if inductor:
+            stage = "inductor"
+            from dist_utils import first_output
+
+            pm = ditpass.parallelize(model, ditpass.Plan(compile="inductor"))
+            with torch.no_grad():
+                ref = first_output(model(**inputs))
+                y = first_output(pm(**inputs))
+            row["inductor_diff"] = float((y - ref).abs().max())
+        sp = row["sp"]
+        if all(exact_and_sharded(r) for r in sp):
+            row["status"] = "exact+sharded"
+        elif all("error" not in r and r.get("shape_ok") and r["diff"] <= TOL for r in sp):
+            row["status"] = "exact, replicated"
+        else:
+            bad = next(r for r in sp if not exact_and_sharded(r))
+            row["status"] = f"{bad['plan']}: " + (_innermost(bad["error"]) if "error" in bad else
+                                                  "no site sharded" if bad["diff"] <= TOL else f"diff {bad['diff']:.2g}")
+    except Exception as e:  # noqa: BLE001 - one row per class, whatever happened
+        row["status"] = f"{stage} failed"
+        row["error"] = first_line(e)
+        row["trace"] = traceback.format_exc()[-2000:]
+    finally:
+        row["seconds"] = time.perf_counter() - t0
+    return row
+
+
+def _child(name, inductor, timeout, q):
+    os.setpgrp()  # the parent kills the whole group (this process and its ranks) at the time limit
+    torch.set_num_threads(1)
+    warnings.filterwarnings("ignore")
+    q.put(sweep_one(name, inductor, timeout))
+
+
+def run_isolated(name: str, inductor: bool, timeout: float) -> dict:
+    """`sweep_one` in a forked process, killed (with its ranks) after ``timeout`` seconds."""
+    import multiprocessing as mp
+
+    ctx = mp.get_context("fork")
+    q = ctx.Queue()
+    p = ctx.Process(target=_child, args=(name, inductor, timeout, q), daemon=False)
+    t0 = time.perf_counter()
+    p.start()
+    try:
+        row = q.get(timeout=timeout)
+    except queue.Empty:
+        row = dict(name=name, status="timeout", error=f"over the {timeout:.0f} s limit",
+                   seconds=time.perf_counter() - t0)
+    finally:
+        try:
+            os.killpg(p.pid, signal.SIGKILL)
+        except (ProcessLookupError, PermissionError):
+            pass
+        p.join(5)
+    if p.exitcode not in (0, None, -signal.SIGKILL) and "status" not in row:
+        row = dict(name=name, status="crashed", error=f"exit code {p.exitcode}")
+    return row
+
+
+# --------------------------------------------------------------------------------------------
+# table
+# --------------------------------------------------------------------------------------------
+
+
+def _fmt_plan(r: dict) -> str:
+    if "error" in r:
+        return "error"
+    share = f"{r['sharded']}/{r['sites']}"
+    fl = f", {100 * r['flops_share']:.0f}% FLOPs" if r.get("flops_share") is not None else ""
+    return f"{r['diff']:.1e} ({share} sharded{fl})"
+
+
+def _cell(s: str) -> str:
+    return str(s).replace("|", "\\|").replace("\n", " ")
+
+
+def table(rows: list[dict], header: str = "") -> str:
+    n = len(rows)
+    whole = [r for r in rows if r.get("whole")]
+    dyn = sum(r.get("method") == "export-dynamic" for r in rows)
+    static = sum(r.get("method") == "export-static" for r in rows)
+    pieces = sum(r.get("method") == "dynamo" for r in rows)
+
+    def ok(r, i):
+        return len(r.get("sp", [])) > i and exact_and_sharded(r["sp"][i])
+
+    u = sum(ok(r, 0) for r in rows)
+    g = sum(ok(r, 1) for r in rows)
+    both = sum(r.get("status") == "exact+sharded" for r in rows)
+    new = [r for r in rows if r.get("new")]
+    new_both = sum(r.get("status") == "exact+sharded" for r in new)
+    lines = [
+        "# Zoo sweep: capture, analysis, exact sequence parallelism (CPU, gloo, tiny configs)",
+        "",
+        f"**{n} classes: {len(whole)} capture whole ({dyn} export-dynamic, {static} export-static), {pieces} in "
+        f"pieces, {n - len(whole) - pieces} fail before or at capture; ulysses=2 exact with attention sharded: {u}; "
+        f"ring=2: {g}; both: {both}** (of the {len(new)} classes beyond the first twelve: {new_both} both).",
+        "",
+        header,
+        "",
+        f"Exact: max abs diff to the 1-process output <= {TOL:g} on both ranks. `k/n sharded`: attention sites "
+        "whose site-table entry has a sequence-parallel strategy (each rank computes its shard), and their share "
+        "of the SDPA FLOPs. Token classes: the sequences the analysis found (roles of their segments).",
+        "",
+        "| class | status | capture | attention sites | token classes | ulysses=2 | ring=2 | notes |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r in rows:
+        cap = f"{r['method']} {r['capture_s']:.1f}s" if "method" in r else "-"
+        kinds = ", ".join(f"{k} {v}" for k, v in sorted(r.get("kinds", {}).items())) or "-"
+        tc = "; ".join(r.get("token_classes", [])) or "-"
+        sp = r.get("sp", [])
+        cells = [_fmt_plan(sp[i]) if len(sp) > i else "-" for i in range(2)]
+        notes = []
+        if r.get("error"):
+            notes.append(r["error"])
+        if r.get("capture_errors") and r.get("method") != "export-dynamic":
+            m, e = next(iter(r["capture_errors"].items()))
+            notes.append(f"{m}: {e}")
+        by_why: dict[str, list[str]] = {}  # the same reason for both plans is written once
+        for p in sp:
+            if "error" in p:
+                by_why.setdefault(p["error"], []).append(p["plan"])
+            elif p.get("sharded", 0) < p.get("sites", 0):
+                why = (p.get("replicated") or p.get("notes") or [""])[0]
+                if why:  # the ReplicatedWarning names the sites, then says why: keep the count and the why
+                    count = why.split(" (replicated")[0]
+                    why = count + ", why: " + why.split("why: ", 1)[1] if "why: " in why else why
+                    by_why.setdefault(why[:300], []).append(p["plan"])
+        notes += [f"{', '.join(plans)}: {why}" for why, plans in by_why.items()]
+        if r.get("const_sites"):
+            notes.append(f"{r['const_sites']} sites with a constant-length segment")
+        if "inductor_diff" in r:
+            notes.append(f"inductor diff {r['inductor_diff']:.1e}")
+        name = r["name"] + (" (new)" if r.get("new") else "")
+        lines.append("| " + " | ".join(_cell(c) for c in [name, r.get("status", "?"), cap, kinds, tc, *cells,
+                                                             " / ".join(dict.fromkeys(notes))[:700] or "-"]) + " |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv=None):
+    from ditpass.models import zoo
+
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--models", nargs="*", default=None, help="zoo class names (default: all)")
+    ap.add_argument("--new", action="store_true", help="only the classes beyond the first twelve (MORE_NAMES)")
+    ap.add_argument("--timeout", type=float, default=300, help="seconds per class (default 300)")
+    ap.add_argument("--inductor", action="store_true", help="also compile='inductor' on one process (slow)")
+    ap.add_argument("--out", type=Path, default=OUT)
+    args = ap.parse_args(argv)
+    names = args.models or (zoo.MORE_NAMES if args.new else zoo.ALL_NAMES)
+    rows = []
+    t0 = time.time()
+    for name in names:
+        row = run_isolated(name, args.inductor, args.timeout)
+        rows.append(row)
+        print(f"{name}: {row.get('status')} ({row.get('seconds', 0):.0f}s) {row.get('error', '')}", flush=True)
+    import diffusers
+
+    header = (f"torch {torch.__version__}, diffusers {diffusers.__version__}; {len(names)} classes in "
+              f"{(time.time() - t0) / 60:.1f} min, per-class limit {args.timeout:.0f} s; "
+              f"`python benchmarks/sweep_zoo.py{' --inductor' if args.inductor else ''}`. Not in the zoo: "
+              f"{len(zoo.PENDING)} pending classes (`zoo.PENDING`, why each), {len(zoo.EXCLUDED)} excluded as not "
+              f"denoisers (`zoo.EXCLUDED`).")
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    args.out.write_text(table(rows, header))
+    print(f"wrote {args.out}")
+
+
+if __name__ == "__main__":
+    main()
