@@ -21,7 +21,7 @@ _spec.loader.exec_module(sweep_zoo)
 # New classes that benchmarks/results/sweep_zoo.md shows exact with attention sharded under both plans, in
 # groups that share one forked 2-process run (grouped to keep each run under a minute on 2 cores).
 SP_EXACT = [
-    ["BriaTransformer2DModel", "LongCatImageTransformer2DModel", "Flux2Transformer2DModel",
+    ["ChromaTransformer2DModel", "BriaTransformer2DModel", "LongCatImageTransformer2DModel", "Flux2Transformer2DModel",
      "OvisImageTransformer2DModel", "Flux3Transformer2DModel", "BriaFiboTransformer2DModel",
      "Krea2Transformer2DModel", "Ideogram4Transformer2DModel"],
     ["CogView3PlusTransformer2DModel", "CogView4Transformer2DModel", "GlmImageTransformer2DModel",

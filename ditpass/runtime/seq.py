@@ -187,7 +187,10 @@ def merge_lse(out, lse, out_j, lse_j):
     if out is None:
         return out_j.float(), lse_j
     new = torch.logaddexp(lse, lse_j)
-    out = out * torch.exp(lse - new).unsqueeze(-1) + out_j.float() * torch.exp(lse_j - new).unsqueeze(-1)
+    # a query with every key masked so far has lse -inf in both: weights 0 (not exp(-inf + inf) = NaN), so
+    # its output stays 0, as torch's SDPA gives for a fully masked row
+    ref = torch.where(torch.isneginf(new), torch.zeros_like(new), new)
+    out = out * torch.exp(lse - ref).unsqueeze(-1) + out_j.float() * torch.exp(lse_j - ref).unsqueeze(-1)
     return out, new
 
 
