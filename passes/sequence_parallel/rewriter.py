@@ -62,6 +62,7 @@ class _Rewriter:
         pl = ctx.placement
         self.patch, self.patch_index = patch, patch_index
         self.patch_blocks = patch_blocks  # patch mode: the blocks that run patch by patch
+        self.written = _written_in_place(gm.graph)  # tensors an in-place op writes through a view: kept as they are
         self.patch_outputs: list[tuple[int, int, int]] = []  # (output index, token dim, number of lengths)
         if patch is not None:
             self.n, self.p = patch.chunks, patch_index  # chunks: patches x sequence ranks in each
@@ -251,7 +252,7 @@ class _Rewriter:
             # and the op is token-wise; otherwise stay replicated (cheap ops, creation ops)
             # (patch mode: only inside blocks; the embeddings before them run whole on every patch)
             inside = self.patch is None or node.meta.get("ditpass_block") in self.patch_blocks
-            if inside and out_tok and rules.tokenwise(self, node, None):
+            if inside and out_tok and node not in self.written and rules.tokenwise(self, node, None):
                 ins = [a for a in args if self._in_token_dim(a) is not None]
                 if ins and all(rules.tokenwise(self, node, a) for a in ins):
                     for a in ins:
@@ -609,6 +610,26 @@ def _nbytes(val, n: int) -> int:
     """Bytes this rank sends of ``val`` in an all-gather over ``n`` ranks: (n-1)/n of it."""
     total = nbytes(val)
     return total * (n - 1) // n if n > 1 else total
+
+
+def _written_in_place(graph: torch.fx.Graph) -> set:
+    """In-place ops and the nodes they write through (``img_mask[i, :n] = 1`` is ``fill_`` of a ``select`` /
+    ``slice`` view of ``zeros``): the view chain back to its base. Sharding one of them would give the write a copy, and
+    the base (read later, e.g. by a ``cat``) would never see it; they stay replicated, unchanged."""
+    out: set = set()
+    for node in graph.nodes:
+        t = node.target
+        if not (isinstance(t, torch._ops.OpOverload) and t._schema.is_mutable) or not node.args:
+            continue
+        out.add(node)  # (nor its inputs swapped for shards)
+        x = node.args[0]
+        while isinstance(x, torch.fx.Node) and x not in out:
+            out.add(x)
+            xt = x.target
+            if not (isinstance(xt, torch._ops.OpOverload) and getattr(xt, "is_view", False)) or not x.args:
+                break
+            x = x.args[0]
+    return out
 
 
 class _Fallback(Exception):
