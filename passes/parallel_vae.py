@@ -107,6 +107,8 @@ class _Rewriter:
         with self.g.inserting_before(before):
             new = self.g.call_function(target, args)
         new.meta["val"] = like.meta.get("val")
+        if "nn_module_stack" in like.meta:  # (explain names the module it serves)
+            new.meta["nn_module_stack"] = like.meta["nn_module_stack"]
         return new
 
     def _gather(self, x, before, why: str):
@@ -281,7 +283,6 @@ class _Rewriter:
                                                        self.group, float(value or 0.0)), node)
         node.replace_all_uses_with(halo)
         self.g.erase_node(node)
-        self.lay[halo] = None
         self._record_halo(halo, x, top + bottom)
         # the consumer (a conv with no row padding) reads rows+top+bottom rows: its output is banded
         self.lay[halo] = _Halo(lay.dim, lay.rows, top + bottom)
