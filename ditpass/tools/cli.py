@@ -173,10 +173,9 @@ def _add_inspect(sub) -> None:
 
 
 def _check_inspect_args(args) -> None:
-    for name in ("height", "width", "frames", "text_len"):
-        v = getattr(args, name)
-        if v is not None and v < 1:
-            raise _UsageError(f"--{name.replace('_', '-')} {v}: must be >= 1")
+    from ditpass.tools.generate import require_positive
+
+    require_positive(args, ("height", "width", "frames", "text_len"), dashes=True)
     if args.device not in ("meta", "cpu"):
         raise _UsageError(f"--device {args.device!r}: use meta (nothing runs) or cpu")
     for flag, path in (("--svg", args.svg), ("--json", args.json)):  # a bad output path fails now, not after the work

@@ -27,7 +27,7 @@ import time
 # no torch at import time: ``ditpass --help`` stays instant
 
 __all__ = ["add_arguments", "add_plan_arguments", "run", "plan_from_args", "parse_plan", "check_args", "check_plan_args",
-           "check_world", "load_pipeline", "call_kwargs", "steps_of", "output_stem", "save_outputs", "contact_sheet",
+           "check_world", "require_positive", "load_pipeline", "call_kwargs", "steps_of", "output_stem", "save_outputs", "contact_sheet",
            "CallTimer", "GenerateError", "run_plan", "start"]
 
 
@@ -103,12 +103,18 @@ def add_plan_arguments(p: argparse.ArgumentParser) -> None:
 # ---- checks before anything loads ---------------------------------------------------------------
 
 
-def check_args(args) -> None:
-    """Every flag's value, before a process group or a model exists; a `GenerateError` names the flag."""
-    for name in ("num_inference_steps", "height", "width", "num_frames"):
+def require_positive(args, names, dashes: bool = False) -> None:
+    """Each of the flags ``names`` that is set is >= 1, else a `GenerateError` naming it (``dashes``: the flag is
+    spelt ``--text-len`` for the attribute ``text_len``)."""
+    for name in names:
         v = getattr(args, name, None)
         if v is not None and v < 1:
-            raise GenerateError(f"--{name} {v}: must be >= 1")
+            raise GenerateError(f"--{name.replace('_', '-') if dashes else name} {v}: must be >= 1")
+
+
+def check_args(args) -> None:
+    """Every flag's value, before a process group or a model exists; a `GenerateError` names the flag."""
+    require_positive(args, ("num_inference_steps", "height", "width", "num_frames"))
     if args.guidance_scale is not None and not math.isfinite(args.guidance_scale):
         raise GenerateError(f"--guidance_scale {args.guidance_scale}: must be a finite number")
     if args.seed < 0:
@@ -122,11 +128,8 @@ def check_args(args) -> None:
 
 def check_plan_args(args) -> None:
     """The flags of `add_plan_arguments`: degrees, thresholds, device, model, timeout."""
-    for name in ("num_pipeline_patch", "n_calib", "ulysses_degree", "ring_degree", "data_parallel_degree",
-                 "pipefusion_parallel_degree"):
-        v = getattr(args, name, None)
-        if v is not None and v < 1:
-            raise GenerateError(f"--{name} {v}: must be >= 1")
+    require_positive(args, ("num_pipeline_patch", "n_calib", "ulysses_degree", "ring_degree", "data_parallel_degree",
+                            "pipefusion_parallel_degree"))
     for name in ("threshold", "window_size", "cache_threshold", "timeout"):
         v = getattr(args, name, None)
         if v is not None and not math.isfinite(v):
@@ -305,8 +308,8 @@ def call_kwargs(pipe, model: str, prompts: list[str], *, negative_prompt: str | 
         from ditpass.models import digits
 
         for name, value in digits.defaults().items():
-            if name in params and kw.get(name) is None and not (name == "guidance_scale" and guidance_scale is not None):
-                kw[name] = value
+            if name in params and kw.get(name) is None:
+                kw[name] = value  # (a guidance_scale given wins: set below)
     if "guidance_scale" in params and guidance_scale is not None:
         kw["guidance_scale"] = guidance_scale
     for key, value in (extra or {}).items():

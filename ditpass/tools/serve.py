@@ -68,7 +68,8 @@ import threading
 import time
 from typing import Annotated, Literal
 
-from .generate import (GenerateError, add_plan_arguments, call_kwargs, check_plan_args, run_plan, start, steps_of)
+from .generate import (GenerateError, add_plan_arguments, call_kwargs, check_plan_args, require_positive, run_plan,
+                       start, steps_of)
 
 # no torch, fastapi or pydantic at import time: ``ditpass --help`` stays instant
 
@@ -108,9 +109,7 @@ class Limits:
     @classmethod
     def from_args(cls, args) -> "Limits":
         limits = cls(**{f.name: getattr(args, f.name) for f in dataclasses.fields(cls)})
-        for name, v in dataclasses.asdict(limits).items():
-            if v < 1:
-                raise GenerateError(f"--{name} {v}: must be >= 1")
+        require_positive(limits, [f.name for f in dataclasses.fields(cls)])
         return limits
 
 

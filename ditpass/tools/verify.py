@@ -48,7 +48,7 @@ def _check(args):
 
     from ditpass.models import zoo
     from ditpass.plan import Plan, PlanError
-    from ditpass.tools.generate import GenerateError, check_world, parse_plan
+    from ditpass.tools.generate import GenerateError, check_world, parse_plan, require_positive
 
     if args.model not in zoo.NAMES:
         close = difflib.get_close_matches(args.model, zoo.NAMES, n=1, cutoff=0.5)
@@ -60,11 +60,7 @@ def _check(args):
         raise GenerateError(f"--device {args.device!r}: use cpu or cuda")
     if args.device == "cuda" and not torch.cuda.is_available():
         raise GenerateError(f"--device cuda: this torch sees no CUDA device (torch {torch.__version__})")
-    if args.iters < 1:
-        raise GenerateError(f"--iters {args.iters}: must be >= 1")
-    for name in ("height", "width", "frames", "text_len"):
-        if getattr(args, name) is not None and getattr(args, name) < 1:
-            raise GenerateError(f"--{name.replace('_', '-')} {getattr(args, name)}: must be >= 1")
+    require_positive(args, ("iters", "height", "width", "frames", "text_len"), dashes=True)
     try:
         plan = parse_plan(args.plan) if args.plan else Plan()
     except (PlanError, OSError) as e:
