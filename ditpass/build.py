@@ -91,7 +91,7 @@ def build(captured, plan, placement, *, component: str = "transformer", state=No
 
         pf = ctx.graphs["pipefusion"]
         runner = PipeFusionRunner(gm, pf.patch_gm, pf.tail_gm, pf.cut, pf.patch, pf.patch_outputs, plan, placement, state,
-                                  compile_fn=lambda g: compile_graph(g, plan.compile))
+                                  compile_fn=lambda g: compile_graph(g, plan.compile), positions=pf.positions)
         # this rank keeps its stage's weights only (what its two stage graphs read)
         runner.freed = free_unused(captured.module, runner.graphs)
     elif backend and "step_cache" in ctx.graphs:

@@ -52,6 +52,7 @@ one) are broadcast from global rank 0; any other difference is caught by the tra
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import functools
 from typing import Any
 
@@ -102,6 +103,21 @@ class Generation:
         with _same_random_draws(), self._counted():
             yield
 
+    def finish(self, out):
+        """After the pipeline returned: lazy tensors in what it returns (``output_type="latent"`` under
+        PipeFusion across steps) made whole, and the PipeFusion runners' outputs and sends settled (every
+        rank, in the same order)."""
+        from .runtime import lazy
+
+        if lazy.any_lazy(out):
+            out = _map_tensors(out, lambda t: lazy.materialize(t) if lazy.is_lazy(t) else t)
+        for m in self.models():
+            for rec in m.ditpass_records:
+                finish = getattr(rec.runner, "finish", None)
+                if finish is not None:
+                    finish()
+        return out
+
     @contextlib.contextmanager
     def _counted(self):
         models = self.models()
@@ -145,6 +161,24 @@ def _same_random_draws():
         yield
 
 
+def _map_tensors(obj, fn):
+    """``obj`` with ``fn`` applied to every tensor in it: pytrees, and the dataclass / dict outputs of
+    diffusers pipelines (``ImagePipelineOutput``), whose fields are set again in place."""
+    from torch.utils import _pytree as pytree
+
+    if isinstance(obj, torch.Tensor):
+        return fn(obj)
+    if dataclasses.is_dataclass(obj) and not isinstance(obj, type):
+        for f in dataclasses.fields(obj):
+            setattr(obj, f.name, _map_tensors(getattr(obj, f.name), fn))
+        return obj
+    if isinstance(obj, dict):
+        for k in list(obj):
+            obj[k] = _map_tensors(obj[k], fn)
+        return obj
+    return pytree.tree_map(lambda x: fn(x) if isinstance(x, torch.Tensor) else x, obj)
+
+
 def _install_hook(pipe) -> Generation:
     """Swap the pipeline's class for a same-named subclass whose ``__call__`` runs in `Generation`
     (Python looks ``__call__`` up on the class, so an instance attribute would not do); idempotent."""
@@ -156,8 +190,9 @@ def _install_hook(pipe) -> Generation:
 
     @functools.wraps(base.__call__)  # the pipeline's own signature and docs (tools inspect them)
     def __call__(self, *args, **kwargs):
-        with self._ditpass_generation.run():
-            return base.__call__(self, *args, **kwargs)
+        hook = self._ditpass_generation
+        with hook.run():
+            return hook.finish(base.__call__(self, *args, **kwargs))
 
     pipe.__class__ = type(base.__name__, (base,), {"__call__": __call__, "__module__": base.__module__,
                                                    "__qualname__": base.__qualname__})

@@ -43,6 +43,7 @@ from .capture import Weights, capture, signature_of
 from .errors import InputMismatchError, PlanError
 from .mesh import ParallelDims, init_distributed, timeout_error
 from .plan import Plan
+from .runtime import lazy
 from .runtime.batch import BatchSplit
 from .runtime.seq import sdpa_backend
 from .runtime.state import RunState
@@ -105,6 +106,8 @@ class ParallelModule(torch.nn.Module):
             state = self.ditpass_state
             if not state.steps_counted or state.calls == 0:  # in a pipeline call: its first transformer call
                 self._check_weights()
+            if lazy.any_lazy((args, kwargs)) and not self._takes_lazy(args, kwargs):
+                args, kwargs = lazy.force_tree((args, kwargs))  # a pipelined PipeFusion output, needed whole here
             self._check_inputs(args, kwargs)
             if self.batch_split is not None:  # this rank's rows of the batch; outputs all-gathered
                 out = self.batch_split.run(self._forward_local, self.module, args, kwargs, self._keep_whole)
@@ -119,6 +122,12 @@ class ParallelModule(torch.nn.Module):
             raise timed_out from exc
         self.ditpass_state.calls += 1
         return out
+
+    def _takes_lazy(self, args, kwargs) -> bool:
+        """True when the build for these inputs is a PipeFusion runner that pipelines across steps (it
+        evaluates lazy inputs patch by patch; `ditpass.runtime.lazy`)."""
+        rec = self._records.get(signature_of(args, kwargs))
+        return rec is not None and getattr(rec.runner, "across", False) and self.batch_split is None
 
     def _forward_local(self, *args, **kwargs):
         runner = self.build(*args, **kwargs).runner
@@ -219,7 +228,8 @@ def check_same_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> Non
     """Raise `InputMismatchError` unless every rank of the world passed these inputs (collective)."""
     mine = {}
     for name, leaf in _named_inputs(module, args, kwargs):
-        sums = _checksum(leaf).tolist() if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta" else None
+        sums = (_checksum(leaf).tolist() if isinstance(leaf, torch.Tensor) and leaf.device.type != "meta"
+                and not lazy.is_lazy(leaf) else None)  # a lazy input: the same recorded ops on every rank
         mine[name] = (_describe(leaf), sums)
     world = dist.get_world_size()
     everyone: list = [None] * world

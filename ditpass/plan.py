@@ -65,6 +65,9 @@ class Plan:
     warmup_steps: int = 1
     # transformer blocks per PipeFusion stage, in order (e.g. (10, 9)); None = balanced by parameters
     stage_blocks: tuple[int, ...] | None = None
+    # inside a diffusers pipeline, PipeFusion pipelines across diffusion steps (stage 0 starts step t+1
+    # while later stages finish step t; ditpass/runtime/lazy.py); False = fill and drain in every call
+    across_steps: bool = True
     # processes in ring attention (sequence split, K/V passed around a ring); 1 = off
     ring: int = 1
     # processes in Ulysses attention (sequence split, all-to-all to split heads); 1 = off

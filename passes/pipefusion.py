@@ -15,7 +15,8 @@ exact; ``sequence_parallel`` shards it afterwards under ulysses)::
 Both graphs share their attention sites: the entry of each self / joint site gets a
 `ditpass.runtime.patches.PatchAttention`, which keeps the site's full-sequence K/V buffer; the full
 graph writes all of it (warm-up steps), the patch graph writes its patch and reads the rest (this
-step's for earlier patches, the previous step's for later ones). Cross attention over replicated text
+step's for earlier patches, the previous step's for later ones). Inside a diffusers pipeline the driver
+pipelines across steps too (`ditpass.runtime.lazy`). Cross attention over replicated text
 K/V stays local. The driver that runs a stage, whole or patch by patch, and moves activations between
 stages is `ditpass.runtime.pipeline.PipeFusionRunner`; `ditpass.build.build` makes it from what this
 pass leaves in ``ctx.graphs["pipefusion"]``.
@@ -51,6 +52,7 @@ class PipeFusionGraphs:
     cut: StageCut
     patch: PatchAttention
     patch_outputs: list  # (output index, token dim, number of lengths appended)
+    positions: list  # per output of the graph: its dims sized by the visual tokens (None: not a tensor)
 
 
 class PipeFusion(GraphPass):
@@ -105,7 +107,8 @@ class PipeFusion(GraphPass):
         pgm.graph.lint()
         pgm.recompile()
 
-        ctx.graphs["pipefusion"] = PipeFusionGraphs(pgm, tail_gm, cut, patch, rw.patch_outputs)
+        ctx.graphs["pipefusion"] = PipeFusionGraphs(pgm, tail_gm, cut, patch, rw.patch_outputs,
+                                                    _positions(gm, ctx.analysis.visual))
         sites = [e for e in ctx.sites if e.patch is not None]
         stage = cut.assign(gm.graph)
         rows, sends = [], []
@@ -121,19 +124,48 @@ class PipeFusion(GraphPass):
                       ["stage", "blocks", "count", "params", "sends", "per full step", "per patch"], rows)
         me = ctx.placement.coord("pipefusion")
         uly = f", each split over {plan.sp} sequence ranks" if plan.sp > 1 else ""
+        if not plan.across_steps:
+            sched = "within each transformer call (Plan(across_steps=False))"
+        elif plan.dp * plan.cfg > 1:
+            sched = "within each transformer call (dp / cfg gather the batch after each call)"
+        else:
+            sched = (f"across diffusion steps inside a pipeline (stage 0 starts step t+1 on patch m when step t's "
+                     f"patch m is back; over S pipelined steps S*{M}/(S*{M}+{N}-1) of the ideal), within each "
+                     f"call outside one ({M}/({M}+{N}-1) = {M / (M + N - 1):.0%})")
         notes = [f"the full graph cut into {N} stages, and a patch graph ({M} patches{uly}) made; this rank is stage {me} "
                  f"({len(cut.blocks[me])} blocks); {len(sites)} attention sites keep a full-sequence K/V buffer; "
-                 f"warm-up steps: {plan.warmup_steps}; the pipeline fills and drains within each transformer call "
-                 f"({M}/({M}+{N}-1) = {M / (M + N - 1):.0%} of the ideal; pipelining across steps is not built)"]
+                 f"warm-up steps: {plan.warmup_steps}; the pipeline runs {sched}"]
         T = M + N - 1
         picture = Table(f"patch schedule of one step after warm-up: stage x time slot (p<m>: patch m; "
                         f"{M}/{T} slots busy per stage)", ["stage", *(str(t) for t in range(T))],
                         [[s, *(f"p{t - s}" if 0 <= t - s < M else "." for t in range(T))] for s in range(N)])
-        return PassResult(self.name, False, notes=notes, tables=[table, picture],
+        tables = [table, picture]
+        if "across diffusion steps" in sched:  # two steps back to back: no drain between them
+            T2 = 2 * M + N - 1
+            tables.append(Table(f"across steps: two steps after warm-up (a<m>: step t, b<m>: step t+1; "
+                                f"{2 * M}/{T2} slots busy per stage)", ["stage", *(str(t) for t in range(T2))],
+                                [[s, *(("a" if t - s < M else "b") + f"{(t - s) % M}" if 0 <= t - s < 2 * M else "."
+                                       for t in range(T2))] for s in range(N)]))
+        return PassResult(self.name, False, notes=notes, tables=tables,
                           details={"stages": [list(b) for b in cut.blocks], "patches": M,
                                    "params": [sum(cut.costs[b] for b in bs) for bs in cut.blocks],
                                    "sent_bytes": sends, "patch_sites": len(sites),
                                    "patch_outputs": list(rw.patch_outputs)})
+
+
+def _positions(gm, visual) -> list:
+    """For each output of ``gm``: the dims whose size depends on the visual token count (a pipelined
+    output is valid patch by patch along these only; `ditpass.runtime.lazy`)."""
+    from ditpass.analysis.symbolic import to_expr
+
+    out = []
+    for o in next(iter(gm.graph.find_nodes(op="output"))).args[0]:
+        v = node_val(o) if isinstance(o, torch.fx.Node) else None
+        if isinstance(v, torch.Tensor):
+            out.append(frozenset(d for d, n in enumerate(v.shape) if to_expr(n).free_symbols & set(visual)))
+        else:
+            out.append(None)
+    return out
 
 
 def _mb(b) -> str:

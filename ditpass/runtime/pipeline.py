@@ -18,14 +18,20 @@ One call, stage ``s`` of ``N``, as ranks of the ``pipefusion`` mesh axis:
   (asynchronously: the next patch starts at once); the last stage assembles the ``M`` patches and
   broadcasts the result.
 
-Stage ``s`` computes patch ``m`` while stage ``s + 1`` computes patch ``m - 1``. The pipeline fills
-and drains inside each call (efficiency ``M / (M + N - 1)`` of the ideal); pipelining across
-diffusion steps (stage 0 starting step ``t + 1`` while the last stage finishes step ``t``) needs the
-scheduler step per patch and is not built. Shapes of what travels are exchanged once per graph.
+Stage ``s`` computes patch ``m`` while stage ``s + 1`` computes patch ``m - 1``. Outside a pipeline
+(or with ``Plan(across_steps=False)``, or under dp / cfg) the pipeline fills and drains inside each
+call (efficiency ``M / (M + N - 1)`` of the ideal). Inside a diffusers pipeline it runs **across
+steps** (`ditpass.runtime.lazy`): the call returns lazy outputs at once on every rank; the last stage,
+after each patch, runs the tail on what it has and sends the full-size output to stage 0; stage 0
+evaluates the pipeline's recorded step code per patch and starts step ``t + 1`` on patch ``m`` as soon
+as step ``t``'s patch ``m`` is back (no bubble with ``M >= N``). Nothing is broadcast until the pipeline
+needs a value whole (the VAE). Shapes of what travels are exchanged once per graph.
 """
 from __future__ import annotations
 
 import operator
+import time
+import warnings
 
 import torch
 import torch.distributed as dist
@@ -33,6 +39,7 @@ import torch.fx
 
 from ditpass.analysis.partition import _is_scalar_op
 
+from . import lazy
 from .patches import assemble
 
 __all__ = ["stage_graph", "tail_graph", "PipeFusionRunner", "free_unused"]
@@ -124,7 +131,8 @@ def _flat_inputs(gm: torch.fx.GraphModule):
 class PipeFusionRunner:
     """Runs this rank's stage of a PipeFusion plan (see the module docstring)."""
 
-    def __init__(self, full_gm, patch_gm, tail_gm, cut, patch, patch_outputs, plan, placement, state, compile_fn=None):
+    def __init__(self, full_gm, patch_gm, tail_gm, cut, patch, patch_outputs, plan, placement, state, compile_fn=None,
+                 positions=None):
         from ditpass.mesh import ParallelDims
 
         self.plan, self.state, self.patch, self.cut = plan, state, patch, cut
@@ -156,6 +164,18 @@ class PipeFusionRunner:
         self._seen_generation = None
         self._last_step = None  # (generation, step) of the last call
         self.last_mode = None
+        # across steps: the position dims of each output (None for a non-tensor), what blocks it
+        self.positions = positions
+        self.across, self.across_why = self._across_steps(plan, positions)
+        # inputs whose values (not only sizes) a stage after the first or the tail reads
+        self.reads_values = _value_inputs([stage_graph(patch_gm, cut, s)[0] for s in range(1, self.N)] + [tail_gm])
+        self.head_checked, self.head_local = False, True  # patch m's tokens need only fresh positions of m
+        self.shared_steps: list = []  # the step at which each pipelined output was broadcast whole (needed)
+        self.timeline: list = []  # (generation, step, patch, start, end) of this rank's patch computations
+        self._sources: list = []  # this generation's lazy outputs (lazy.Source), in order
+        self._out_sends: list = []  # the last stage's sends to stage 0 still in flight
+        self._slots = None  # the last stage: every chunk of the patch outputs, the latest of each
+        self._dummies: dict = {}
 
     # ---- one call ------------------------------------------------------------------------
     def __call__(self, *args, **kwargs):
@@ -164,7 +184,7 @@ class PipeFusionRunner:
         gen = self.state.generation if self.state is not None else 0
         counted = self.state is not None and self.state.steps_counted
         if step < self.plan.warmup_steps:
-            outs = self._full(flat)
+            outs = self._full(self._whole(flat))
             self.last_mode = "full"
         elif counted and self._last_step == (gen, step):
             from ditpass.errors import PlanError
@@ -177,10 +197,155 @@ class PipeFusionRunner:
         else:
             # the first patch step of a generation with no full step before it: no stale K/V yet
             self.patch.partial = self._seen_generation != gen
-            outs = self._patches(flat)
-            self.last_mode = "patches"
+            if self._seen_generation != gen:
+                self.timeline.clear()
+            if self.across and counted:
+                outs = self._pipelined(flat, gen, step)
+                self.last_mode = "pipelined"
+            else:
+                outs = self._patches(self._whole(flat))
+                self.last_mode = "patches"
         self._seen_generation, self._last_step = gen, (gen, step)
         return self.out_codegen.process_outputs(list(outs))
+
+    @staticmethod
+    def _across_steps(plan, positions) -> tuple[bool, str]:
+        if not plan.across_steps:
+            return False, "Plan(across_steps=False)"
+        if plan.dp * plan.cfg > 1:
+            return False, "dp / cfg gather the batch after each call"
+        if not positions or any(p is not None and not p for p in positions):
+            return False, "an output has no dim sized by the visual tokens"
+        return True, ""
+
+    def _whole(self, flat):
+        return [lazy.materialize(x) if isinstance(x, lazy.Lazy) else x for x in flat]
+
+    def _dummy(self, x):
+        """Stand-in for a lazy input on a stage that reads only its sizes."""
+        key = (tuple(x.shape), x.dtype, x.device)
+        if key not in self._dummies:
+            self._dummies[key] = torch.zeros(key[0], dtype=x.dtype, device=x.device)
+        return self._dummies[key]
+
+    @property
+    def materialized(self) -> int:
+        """Pipelined outputs broadcast whole so far (the pipeline needed their values)."""
+        return len(self.shared_steps)
+
+    def finish(self):
+        """End of a generation (every rank): every lazy output shared, every send completed."""
+        for src in self._sources:
+            src.share()
+        self._sources.clear()
+        self._wait_sends()
+
+    def _wait_sends(self):
+        """Sends of the last pipelined call (to the next stage, and the last stage's to stage 0) completed."""
+        for r in self._out_sends:
+            r.wait()
+        self._out_sends.clear()
+
+    def _pipelined(self, flat, gen, step):
+        """One step across steps (module docstring): returns lazy outputs on every rank."""
+        lazy_idx = [i for i, x in enumerate(flat) if isinstance(x, lazy.Lazy)]
+        if any(i in self.reads_values for i in lazy_idx):  # a later stage needs these whole: drain
+            flat, lazy_idx = self._whole(flat), []
+        if self.s > 0:  # sizes only (`_value_inputs`): the values are stage 0's business
+            flat, lazy_idx = [self._dummy(x) if isinstance(x, lazy.Lazy) else x for x in flat], []
+        self._wait_sends()
+        pending, final = [], None
+        nxt = self._post_recv("patch", self.n_recv_part) if self.prev is not None else None
+        for m in range(self.M):
+            self.patch.mode = "patch"
+            self.patch.index.fill_(m * self.sp + self.sp_rank)
+            recv = []
+            if nxt is not None:
+                recv = self._wait(nxt)
+                nxt = self._post_recv("patch", self.n_recv_part) if m + 1 < self.M else None
+            t0 = time.monotonic()
+            if lazy_idx:
+                out = self._first_stage_patch(flat, lazy_idx, m)
+            else:
+                out = self._run_part(*flat, *recv)
+            if self.next is not None:
+                pending += self._send("patch", out)
+            else:
+                final = self._tail_patch(flat, list(out), m)
+            self.timeline.append((gen, step, m, t0, time.monotonic()))
+        self._out_sends += pending  # waited before this stage sends again: the next step starts at once
+        return self._lazy_outputs(final)
+
+    def _first_stage_patch(self, flat, lazy_idx, m):
+        """Stage 0, patch ``m`` of a step whose inputs are lazy: evaluated with the outputs after patch ``m``
+        (checked once against the complete inputs; see `ditpass.runtime.lazy`)."""
+        def inputs(v):
+            return [lazy.value_at(x, v) if i in lazy_idx else x for i, x in enumerate(flat)]
+
+        if not self.head_local:
+            return self._run_part(*inputs(None))
+        out = self._run_part(*inputs(m))
+        if not self.head_checked:  # once: the same patch from the complete inputs (written last: it is exact)
+            whole = self._run_part(*inputs(None))
+            self.head_checked = True
+            worst = max((float((a - b).abs().max()) / max(float(b.abs().max()), 1e-30)
+                         for a, b in zip(out, whole) if isinstance(a, torch.Tensor) and a.is_floating_point()
+                         and a.numel()), default=0.0)
+            if worst > 1e-3:
+                self.head_local = False
+                warnings.warn(
+                    f"PipeFusion across steps: patch 0's tokens computed from a latent whose other patches were "
+                    f"not updated yet differ from those of the complete latent (relative {worst:.2e}): the ops "
+                    f"before the first block or the pipeline's step code mix positions, so stage 0 waits for "
+                    f"every patch of the previous step from now on (exact, with a bubble per step)",
+                    RuntimeWarning, stacklevel=2)
+            out = whole
+        return out
+
+    def _tail_patch(self, flat, out, m):
+        """The last stage after patch ``m``: the tail on the latest chunk of every patch, sent to stage 0."""
+        n_out = len(self.patch_outputs)
+        mine = self._chunks([out[i] for i, _, _ in self.patch_outputs])
+        if self._slots is None:
+            self._slots = [[torch.zeros_like(mine[j * self.sp]) for _ in range(self.M * self.sp)] for j in range(n_out)]
+        for j in range(n_out):
+            self._slots[j][m * self.sp:(m + 1) * self.sp] = mine[j * self.sp:(j + 1) * self.sp]
+        tail_in, extra = list(out[:self.n_tail_in]), self.n_tail_in
+        for j, (i, dim, k) in enumerate(self.patch_outputs):
+            lengths = out[extra:extra + k]
+            extra += k
+            tail_in[i] = assemble(self._slots[j], dim, lengths, self.M * self.sp)
+        final = list(self._run_tail(*flat, *tail_in))
+        for t in final:
+            if isinstance(t, torch.Tensor):
+                self._out_sends.append(dist.isend(t.contiguous(), dst=self.ranks[0]))
+        return final
+
+    def _lazy_outputs(self, final):
+        key = ("patch", "out")
+        if key not in self._shapes:  # once: the last stage tells the others what it returns
+            box = [None if final is None else [(tuple(t.shape), t.dtype) if isinstance(t, torch.Tensor) else t
+                                               for t in final]]
+            dist.broadcast_object_list(box, src=self.last, group=self.group)
+            self._shapes[key] = box[0]
+        device = self._device()
+        outs, sources = [], []
+        for k, meta in enumerate(self._shapes[key]):
+            if isinstance(meta, tuple) and len(meta) == 2 and isinstance(meta[1], torch.dtype):
+                src = lazy.Source(self, meta[0], meta[1], device)
+                sources.append(src)
+                outs.append(lazy.from_source(src, self.positions[k]))
+            else:
+                outs.append(meta)
+        if self.s == 0:  # after patch m the last stage sends each output: receive them in that order
+            for src in sources:
+                src.posted = []
+            for _ in range(self.M):
+                for src in sources:
+                    buf = torch.empty(src.shape, dtype=src.dtype, device=device)
+                    src.posted.append((buf, dist.irecv(buf, src=self.ranks[-1])))
+        self._sources += sources
+        return outs
 
     def _full(self, flat):
         recv = self._recv("full", self.n_recv_full) if self.prev is not None else []
@@ -296,6 +461,30 @@ class PipeFusionRunner:
                         self._dev = t.device
                         break
         return self._dev
+
+
+_SIZE_OPS = {torch.ops.aten.sym_size.int, torch.ops.aten.sym_stride.int, torch.ops.aten.sym_numel.default,
+             torch.ops.aten.sym_storage_offset.default}
+
+
+def _value_inputs(graphs) -> set[int]:
+    """Positions of the graph inputs whose values (not only sizes) reach what some graph of ``graphs``
+    returns or writes. A stage after the first computes the replicated embeddings again where the sizes
+    it needs are read off them (``sym_size`` of the patch embedding's output): those read sizes only."""
+    out: set[int] = set()
+    for gm in graphs:
+        for i, n in enumerate(n for n in gm.graph.nodes if n.op == "placeholder"):
+            seen, todo = {n}, [n]
+            while todo and i not in out:
+                for u in todo.pop().users:
+                    if u in seen or (u.op == "call_function" and u.target in _SIZE_OPS):
+                        continue
+                    if u.op == "output" or (u.is_impure() and "assert" not in str(u.target)):  # not a check
+                        out.add(i)
+                        break
+                    seen.add(u)
+                    todo.append(u)
+    return out
 
 
 def _resolve(name: str):
