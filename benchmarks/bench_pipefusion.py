@@ -4,11 +4,13 @@
     torchrun --standalone --nproc_per_node=2 benchmarks/bench_pipefusion.py --tiny     # CPU, gloo: the same flow
 
 A loop of ``--steps`` (28) flow-matching Euler steps around the transformer (the FLUX pipeline's loop
-without text encoders or VAE: ``latents = scheduler.step(model(latents, t), t, latents)``), so the
+without text encoders or VAE: ``latents = scheduler.step(model(latents, t), t, latents)``, inside
+``ditpass.denoising_loop`` like a pipeline call), so the
 warm-up steps and every patch step of PipeFusion are in the time. The model and inputs are bench_sp.py's
 (random bf16 weights from seed 0, 512 text tokens, inputs broadcast from rank 0). Plans, for world N:
 ``ulysses=N`` (the sequence-parallel reference), ``pipefusion=N`` with ``patches`` in {N, 2N} and
-``warmup_steps`` 1, and ``--plans`` for more (``k=v,k=v;...``). Each plan: one loop to build (capture,
+``warmup_steps`` 1 (across steps, the default, and once with ``across_steps=false``: fill and drain in
+every call), and ``--plans`` for more (``k=v,k=v;...``). Each plan: one loop to build (capture,
 passes; timed apart), then ``--iters`` loops timed (CUDA events around the loop, barrier before);
 ``peak_gib`` is this rank's peak allocated memory (max over ranks), which is where PipeFusion's stage
 cut shows. Deviation: the final latents against the ulysses=N loop's, relative L1.
@@ -56,6 +58,7 @@ def main(argv=None):
     if a.tiny:
         a.res, a.steps, a.iters, a.compile = [64], 4, 1, "eager"
     plans = [f"ulysses={world}"] + [f"pipefusion={world},patches={m},warmup_steps=1" for m in (world, 2 * world)]
+    plans += [f"pipefusion={world},patches={world},warmup_steps=1,across_steps=false"]  # fill and drain per call
     plans += [p for p in a.plans.split(";") if p.strip()]
     out_path = Path(a.out) / f"pipefusion_w{world}{'_tiny' if a.tiny else ''}.jsonl"
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -74,12 +77,12 @@ def main(argv=None):
         sched = FlowMatchEulerDiscreteScheduler(shift=3.0)
         sched.set_timesteps(steps, device=dev)
         latents = kw["hidden_states"].clone()
-        getattr(model, "ditpass_state", None) and model.ditpass_state.reset()
-        for t in sched.timesteps:
-            inputs = dict(kw, hidden_states=latents, timestep=(t / 1000).expand(latents.shape[0]).to(dtype))
-            pred = model(**inputs)[0]
-            latents = sched.step(pred, t, latents, return_dict=False)[0]
-        return latents
+        with ditpass.denoising_loop(model, sched) as lp:  # a pipeline call's hook: PipeFusion across steps
+            for t in sched.timesteps:
+                inputs = dict(kw, hidden_states=latents, timestep=(t / 1000).expand(latents.shape[0]).to(dtype))
+                pred = model(**inputs)[0]
+                latents = sched.step(pred, t, latents, return_dict=False)[0]
+            return lp.finish(latents)
 
     for res in a.res:
         base = build_flux(dev, dtype, tiny=a.tiny)

@@ -13,11 +13,12 @@ import types
 from importlib import import_module
 
 __all__ = ["Plan", "PlanError", "InputMismatchError", "DistributedTimeout", "capture", "Captured", "CaptureError",
-           "analyze", "parallelize", "ParallelModule", "explain"]
+           "analyze", "parallelize", "ParallelModule", "explain", "denoising_loop"]
 
 _WHERE = {"analyze": ".analysis", "parallelize": ".api", "ParallelModule": ".module", "CaptureError": ".capture",
           "Captured": ".capture", "capture": ".capture", "explain": ".tools.explain", "Plan": ".plan",
-          "PlanError": ".plan", "InputMismatchError": ".errors", "DistributedTimeout": ".errors"}
+          "PlanError": ".plan", "InputMismatchError": ".errors", "DistributedTimeout": ".errors",
+          "denoising_loop": ".components"}
 
 
 def __getattr__(name: str):

@@ -63,7 +63,7 @@ from .errors import PlanError
 from .module import ParallelModule
 from .plan import Plan
 
-__all__ = ["parallelize_pipeline", "is_pipeline", "roles", "Generation"]
+__all__ = ["parallelize_pipeline", "is_pipeline", "roles", "Generation", "denoising_loop"]
 
 ROLES = ("transformer", "vae")
 
@@ -139,6 +139,48 @@ class Generation:
         finally:
             if step is not None:
                 del scheduler.step
+
+
+class _Parts:
+    """What `Generation` needs of a pipeline, for a loop written by hand."""
+
+    def __init__(self, models: dict, scheduler):
+        self.components = dict(models, scheduler=scheduler)
+        self.scheduler = scheduler
+
+
+class denoising_loop:
+    """The pipeline hook for a denoising loop written by hand (no diffusers pipeline around it)::
+
+        with ditpass.denoising_loop(model, scheduler) as loop:
+            for t in scheduler.timesteps:
+                latents = scheduler.step(model(latents, t), t, latents).prev_sample
+            latents = loop.finish(latents)      # whole, on every rank
+
+    As in a pipeline call: the model's run state is reset, every ``scheduler.step`` counts as a diffusion
+    step (warm-up steps, step caches), every rank draws the same unseeded random numbers, and PipeFusion
+    pipelines across steps (the model returns lazy tensors until ``finish``, or an op that needs the values,
+    makes them whole: `ditpass.runtime.lazy`). ``model``: a `ParallelModule`, or a dict of them by name."""
+
+    def __init__(self, model, scheduler):
+        models = list(model.values()) if isinstance(model, dict) else [model]
+        models = {("transformer" if i == 0 else f"transformer_{i + 1}"): m for i, m in enumerate(models)}
+        self._hook = Generation(_Parts(models, scheduler))
+        self._run = None
+
+    def __enter__(self):
+        self._run = self._hook.run()
+        self._run.__enter__()
+        return self
+
+    def finish(self, out):
+        """``out`` with every lazy tensor in it made whole (collective: call it on every rank)."""
+        return self._hook.finish(out)
+
+    def __exit__(self, *exc):
+        if exc[0] is None:
+            self._hook.finish(None)
+        return self._run.__exit__(*exc)
 
 
 @contextlib.contextmanager

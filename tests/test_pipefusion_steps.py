@@ -195,3 +195,36 @@ def test_lazy_materializes_what_mixes_positions():
     assert not lazy.is_lazy(out2[:, :2])  # a slice of positions, and a reduction over them
     src3, _ = _source([full])
     assert float(lazy.from_source(src3, frozenset({1})).sum()) == pytest.approx(float(full.sum()))
+
+
+def _loop_worker(rank, world):
+    from diffusers import FlowMatchEulerDiscreteScheduler
+
+    from ditpass.models import zoo
+
+    warnings.filterwarnings("ignore")
+    name = "FluxTransformer2DModel"
+    kw = zoo.make_inputs(name, "tiny")
+    outs, modes = [], []
+    for across in (False, True):
+        torch.manual_seed(0)
+        model = ditpass.parallelize(zoo.build(name, "tiny").eval(),
+                                    ditpass.Plan(pipefusion=2, patches=2, warmup_steps=1, across_steps=across))
+        sched = FlowMatchEulerDiscreteScheduler()
+        sched.set_timesteps(STEPS)
+        latents = kw["hidden_states"].clone()
+        with torch.no_grad(), ditpass.denoising_loop(model, sched) as loop:
+            for t in sched.timesteps:
+                pred = model(**dict(kw, hidden_states=latents, timestep=(t / 1000).expand(latents.shape[0])))[0]
+                latents = sched.step(pred, t, latents, return_dict=False)[0]
+            lazy_before = lazy.is_lazy(latents)
+            latents = loop.finish(latents)
+        outs.append(latents)
+        modes.append((model.ditpass_records[0].runner.last_mode, lazy_before, lazy.is_lazy(latents)))
+    return float((outs[1] - outs[0]).abs().max()), modes
+
+
+def test_a_loop_written_by_hand_pipelines_in_denoising_loop():
+    for diff, modes in run_distributed(_loop_worker, 2, timeout=600):
+        assert diff <= 1e-6
+        assert modes == [("patches", False, False), ("pipelined", True, False)]
