@@ -62,6 +62,9 @@ class ParallelDecode:
     def __call__(self, z, *args, return_dict: bool = True, **kwargs):
         if args:  # decode(z, return_dict) positionally
             return_dict = args[0]
+        from .runtime import lazy
+
+        z, kwargs = lazy.force_tree((z, kwargs))  # PipeFusion's pipelined latents: whole, on every rank
         sig = signature_of((z,), kwargs)
         if sig not in self._records:
             captured = capture(self.module, z, dynamic_shapes=None, strategies=("export-static",), **kwargs)

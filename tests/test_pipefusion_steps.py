@@ -228,3 +228,15 @@ def test_a_loop_written_by_hand_pipelines_in_denoising_loop():
     for diff, modes in run_distributed(_loop_worker, 2, timeout=600):
         assert diff <= 1e-6
         assert modes == [("patches", False, False), ("pipelined", True, False)]
+
+
+def _vae_worker(rank, world):
+    warnings.filterwarnings("ignore")
+    plain, _ = _run("digits", dict(pipefusion=2, patches=2, warmup_steps=1))
+    banded, runner = _run("digits", dict(pipefusion=2, patches=2, warmup_steps=1, vae=True))
+    return float((banded - plain).abs().max()), runner.last_mode, runner.shared_steps
+
+
+def test_parallel_vae_decodes_the_pipelined_latents():
+    for diff, mode, shared_steps in run_distributed(_vae_worker, 2, timeout=600):
+        assert diff <= 1e-5 and mode == "pipelined" and shared_steps == [STEPS] * (STEPS - 1)
