@@ -15,6 +15,8 @@ setup(
                  "schemathesis", "playwright"],
         "serve": ["fastapi", "uvicorn"],
         "nexfort": ["onediff", "nexfort"],
+        # FlashAttention-3 forward (Hopper): Plan(attention="fa3"), and "auto" on Hopper
+        "fa3": ["fa3-fwd"],
     },
     entry_points={"console_scripts": ["ditpass=ditpass.tools.cli:main"]},
 )

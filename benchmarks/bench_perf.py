@@ -201,20 +201,23 @@ def parse_args():
 
 PLAN_FLAGS = {"g": "cuda_graphs", "f": "fuse_projections"}
 SKIP_FLAGS = {"n": "overlap"}  # passes turned off for the build (DITPASS_SKIP_PASSES), to time what they do
+ATTN_FLAGS = {"3": "fa3", "c": "cudnn"}  # Plan.attention: FlashAttention-3 (fa3_fwd) or SDPA's cuDNN kernel
 
 
 def plan_spec_fields(spec: str) -> dict:
     """The ``Plan`` fields of a plan spec: ``single`` / ``1`` / ``u1`` -> Plan(); else bench_sp's ``u2r2``
     syntax. A ``+`` suffix turns on plan flags: ``g`` cuda_graphs, ``f`` fuse_projections (``u2+fg``,
-    ``single+g``); ``n`` skips the overlap pass (``u2+n``: the graph in the model's order, see
-    `plan_spec_skips`)."""
+    ``single+g``); ``3`` / ``c`` set the attention kernel to FlashAttention-3 / cuDNN (``single+g3``);
+    ``n`` skips the overlap pass (``u2+n``: the graph in the model's order, see `plan_spec_skips`)."""
     spec, _, flags = spec.partition("+")
     fields = {"ulysses": 1, "ring": 1} if spec in ("single", "1", "u1", "r1", "u1r1") else plan_fields(spec)
     for ch in flags:
         if ch in PLAN_FLAGS:
             fields[PLAN_FLAGS[ch]] = True
+        elif ch in ATTN_FLAGS:
+            fields["attention"] = ATTN_FLAGS[ch]
         elif ch not in SKIP_FLAGS:
-            raise SystemExit(f"bad plan flag {ch!r} in {spec}+{flags}: use {PLAN_FLAGS} or {SKIP_FLAGS}")
+            raise SystemExit(f"bad plan flag {ch!r} in {spec}+{flags}: use {PLAN_FLAGS}, {ATTN_FLAGS} or {SKIP_FLAGS}")
     return fields
 
 
@@ -228,7 +231,8 @@ def plan_label(spec: str) -> str:
     fields = plan_spec_fields(spec)
     degrees = {k: fields[k] for k in ("ulysses", "ring")}
     skipped = [f"-{p}" for p in plan_spec_skips(spec).split(",") if p]
-    return " ".join([plan_name(degrees)] + [f"+{f}" for f in PLAN_FLAGS.values() if fields.get(f)] + skipped)
+    attn = [f"attention={fields['attention']}"] if "attention" in fields else []
+    return " ".join([plan_name(degrees)] + [f"+{f}" for f in PLAN_FLAGS.values() if fields.get(f)] + attn + skipped)
 
 
 def load_zoo():

@@ -7,23 +7,46 @@ Strategies, tried in order (the first that works wins, and `Captured.method` say
    tensor input and every ``int`` input (LTX's ``num_frames``/``height``/``width``, Qwen-Image's
    ``img_shapes``) is ``Dim.AUTO`` and export keeps symbolic whatever the code does not specialise.
    The analysis needs these symbols to find token dims without trusting numbers.
-2. ``export-static``: the same with concrete sizes (a model whose Python branches on sizes).
-3. ``dynamo``: Dynamo's graphs with its graph breaks left to Python (a model with data-dependent
-   Python such as ``.numpy()`` or ``set()`` of sizes). Callable and analysable, one graph per
-   piece; passes that need one whole graph refuse it by name.
+2. ``export-values``: the same, specialised on the values the model reads from its inputs. Data-
+   dependent Python (``if mask.any():``, ``lengths = mask.sum(1).tolist()``, a boolean-mask
+   select) runs on the example's real values (torch's real-tensor propagation): every integer
+   read from a tensor, and every size that depends on data, is the example's number in the graph
+   (so the sizes after it are concrete or symbolic in the input sizes only, never unbacked), and
+   is checked by a runtime assertion in the graph (`Captured.specialized` lists them). A later
+   call whose inputs read another value fails that assertion with an error that names the value,
+   the source line that read it, the module and the example's value. A submodule that still
+   cannot be traced (a mixture of experts that counts tokens per expert on the host) but acts on
+   each token on its own, verified on the example, runs as one opaque token-wise op
+   (`ditpass.opaque`; `Captured.opaque` lists the modules), which sequence parallelism shards
+   through; every module of that class is made opaque at once.
+3. ``export-static``: concrete sizes (a model whose Python branches on sizes).
+4. ``dynamo``: Dynamo's graphs with its graph breaks left to Python (a model with data-dependent
+   Python that none of the above captures). Callable and analysable, one graph per piece;
+   passes that need one whole graph refuse it by name.
 
 If all fail, `CaptureError` names the innermost module that was running and the failing op.
 
-While exporting, two things that break tracing in otherwise ordinary model code are made
-traceable for every model alike:
+While exporting, things that break tracing in otherwise ordinary model code are made traceable
+for every model alike:
 
 - ``tensor.data`` reads are ``tensor.detach()`` (the same storage, but seen by the tracer):
   CogVideoX's sin-cos position table, rebuilt when the input size differs from the config's,
   is written through ``new_zeros(...).data[...].copy_()``; untraced, export fails with "fake
   tensor in the exported program constant's list". Only in the thread that captures, and
   only while it does (`_traceable_data`); other threads read ``.data`` as always.
+- Symbolic sizes are hashable (``SymInt.__hash__``): a ``functools.lru_cache`` keyed on the grid
+  size (NucleusMoE's RoPE) or ``len(set(seq_lengths))`` (Lumina2) would raise "unhashable
+  SymInt". A size whose value is fixed hashes as that int; any other hashes alike within one
+  capture, so that two symbolic sizes are compared with ``==``, which export turns into a guard
+  or a symbolic answer (they are never taken to differ because their hashes do). A symbolic size
+  and a plain int are taken to differ; the cache keeps its entries (keyed on that capture's
+  sizes, they never match a later call).
+- numpy ufuncs on symbolic sizes (``np.sqrt(norm.numel() / emb.numel())``, Cosmos) call the
+  size's method of that name: ``sqrt``, ``floor`` and ``ceil`` exist while capturing.
 - Module attributes that the traced forward sets to fake tensors (a lazily built cache) are put
   back afterwards, so the eager module keeps working.
+
+All of these hold only in the thread that captures, and only while it does.
 
 torch.export's expected notes (``Dim.AUTO`` specialised a size-1 dim, ...) are kept out of the
 terminal unless ``DITPASS_VERBOSE=1``; the Dynamo fallback compiles with a backend of its own and
@@ -41,6 +64,7 @@ from __future__ import annotations
 import contextlib
 import enum
 import logging
+import math
 import os
 import re
 import threading
@@ -54,7 +78,7 @@ import torch.fx
 
 log = logging.getLogger("ditpass.capture")
 
-__all__ = ["capture", "Captured", "CaptureError", "signature_of", "Weights"]
+__all__ = ["capture", "Captured", "CaptureError", "Specialization", "forget", "signature_of", "Weights"]
 
 
 class CaptureError(RuntimeError):
@@ -117,13 +141,15 @@ class Captured:
 
     module: torch.nn.Module
     graph_modules: list[torch.fx.GraphModule]
-    method: str  # "export-dynamic" | "export-static" | "dynamo"
+    method: str  # "export-dynamic" | "export-values" | "export-static" | "dynamo"
     signature: tuple
     seconds: float
     exported_program: Any = None
     errors: dict[str, str] = field(default_factory=dict)  # strategy -> why it failed
     _runner: Callable | None = None
     weights: Weights | None = None  # the module's when captured: the cache serves this capture while current
+    specialized: list = field(default_factory=list)  # export-values: the values fixed in the graph (Specialization)
+    opaque: list[str] = field(default_factory=list)  # export-values: modules run as one opaque token-wise op
 
     @property
     def graph_module(self) -> torch.fx.GraphModule:
@@ -167,6 +193,12 @@ class Captured:
 
 # module -> {signature: Captured}; weak so a dropped model frees its graphs
 _CACHE: "weakref.WeakKeyDictionary[torch.nn.Module, dict]" = weakref.WeakKeyDictionary()
+
+
+def forget(module: torch.nn.Module) -> None:
+    """Drop the captures cached for ``module``: the next `capture` traces it again (for inputs that read other
+    values than a specialised capture's example, see ``export-values``)."""
+    _CACHE.pop(module, None)
 
 
 def auto_dynamic_shapes(args: tuple, kwargs: dict):
@@ -259,25 +291,70 @@ def _chain(exc: BaseException):
 
 
 _TENSOR_DATA = torch._C.TensorBase.__dict__["data"]
-_CAPTURING = threading.local()  # .depth: captures under way in this thread
+_SYMINT_HASH = torch.SymInt.__hash__
+_CAPTURING = threading.local()  # .depth: captures under way in this thread; .values: see _example_values
 _DATA_LOCK = threading.Lock()
-_data_users = 0  # captures under way in any thread; the property is installed while > 0
+_data_users = 0  # captures under way in any thread; the shims are installed while > 0
+
+
+def _capturing() -> bool:
+    return bool(getattr(_CAPTURING, "depth", 0))
 
 
 def _data_get(t):
-    if getattr(_CAPTURING, "depth", 0):
+    if _capturing():
         return t.detach()
     return _TENSOR_DATA.__get__(t, type(t))
 
 
+def _symint_hash(s):
+    if _capturing() and not s.node.is_nested_int():
+        expr = s.node.expr
+        return hash(int(expr)) if expr.is_number else hash(id(s.node.shape_env))
+    return _SYMINT_HASH(s)
+
+
+def _sym_method(name, fn):
+    def method(s):
+        if not _capturing():
+            raise AttributeError(f"{type(s).__name__} has no method {name!r}")
+        return fn(s)
+
+    method.__name__ = name
+    return method
+
+
+# numpy ufuncs on an object call its method of the ufunc's name
+_SYM_METHODS = {"sqrt": lambda s: torch._sym_sqrt(s), "floor": math.floor, "ceil": math.ceil}
+
+
+def _install_shims():
+    torch.Tensor.data = property(_data_get, lambda t, v: _TENSOR_DATA.__set__(t, v))
+    torch.SymInt.__hash__ = _symint_hash
+    for cls in (torch.SymInt, torch.SymFloat):
+        for name, fn in _SYM_METHODS.items():
+            if name not in cls.__dict__:
+                setattr(cls, name, _sym_method(name, fn))
+
+
+def _remove_shims():
+    del torch.Tensor.data
+    torch.SymInt.__hash__ = _SYMINT_HASH
+    for cls in (torch.SymInt, torch.SymFloat):
+        for name in _SYM_METHODS:
+            if getattr(cls.__dict__.get(name), "__name__", None) == name:
+                delattr(cls, name)
+
+
 @contextlib.contextmanager
 def _traceable_data():
-    """``t.data`` reads as ``t.detach()`` (same storage, visible to the tracer) in this thread while a
-    capture runs; writes, and other threads' reads, unchanged. Re-entrant (a capture inside a capture)."""
+    """While a capture runs in this thread: ``t.data`` reads as ``t.detach()`` (same storage, visible to the
+    tracer; writes unchanged), symbolic sizes hash and take numpy's ``sqrt``/``floor``/``ceil`` (see the
+    module docstring); other threads see torch as always. Re-entrant (a capture inside a capture)."""
     global _data_users
     with _DATA_LOCK:
         if _data_users == 0:
-            torch.Tensor.data = property(_data_get, lambda t, v: _TENSOR_DATA.__set__(t, v))
+            _install_shims()
         _data_users += 1
     _CAPTURING.depth = getattr(_CAPTURING, "depth", 0) + 1
     try:
@@ -287,7 +364,114 @@ def _traceable_data():
         with _DATA_LOCK:
             _data_users -= 1
             if _data_users == 0:
-                del torch.Tensor.data
+                _remove_shims()
+
+
+@dataclass
+class Specialization:
+    """A value the capture read from the example's tensors and fixed in the graph (``export-values``)."""
+
+    symbol: str  # the unbacked symbol torch gave it (``u0``), named in the graph's runtime assertions
+    value: int  # the example's value
+    where: str  # the model's source line that read it
+    module: str  # the module path running there
+
+    def __str__(self) -> str:
+        return f"{self.where} in module `{self.module}` read {self.value}"
+
+
+_SET_REAL_VAL = None  # ShapeEnv.set_real_tensor_prop_unbacked_vals, while _example_values patches it
+_values_users = 0  # export-values captures under way in any thread
+
+
+def _user_frame() -> str:
+    import traceback
+
+    frames = [f for f in traceback.extract_stack() if not _own(f.filename)]
+    if not frames:
+        return "?"
+    f = frames[-1]
+    return f"{_short(f.filename)}:{f.lineno} `{(f.line or '').strip()}`"
+
+
+@contextlib.contextmanager
+def _example_values(stack: list[str], record: list[Specialization]):
+    """Export on real values too, and fix every integer that the traced code reads from a tensor, or that a
+    data-dependent size is, at the example's value: ``Eq(u, value)``, a runtime assertion in the graph
+    that also makes torch replace ``u`` by the value in every size after it. Fixed after the torch call
+    that produced it returns (torch binds a fresh symbol to the op's output first)."""
+    import sympy
+    import torch._functorch.config
+    from torch.fx.experimental.symbolic_shapes import ShapeEnv
+    from torch.overrides import TorchFunctionMode
+    from torch.utils._sympy.symbol import SymT, symbol_is_type
+
+    global _SET_REAL_VAL, _values_users
+    pending: list = []
+    fixed: set = set()
+
+    def set_real(env, k, v):
+        _SET_REAL_VAL(env, k, v)
+        if getattr(_CAPTURING, "values", None) is not pending:
+            return
+        if isinstance(k, sympy.Eq) and k.rhs == 1:  # a bool read from a tensor: Eq(u, 1) over an int u
+            k, v = k.lhs, int(bool(v))
+        if isinstance(k, sympy.Symbol) and symbol_is_type(k, SymT.UNBACKED_INT) and k not in fixed:
+            fixed.add(k)
+            pending.append((env, k, int(v)))
+
+    class FixValues(TorchFunctionMode):
+        def __torch_function__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            while pending:
+                env, k, v = pending.pop(0)
+                spec = Specialization(str(k), v, _user_frame(), stack[-1] if stack else "<root>")
+                record.append(spec)
+                # a count of selected elements is "size-like": torch then reasons as if it were >= 2 and keeps it
+                # symbolic when it is 0 or 1; here it is the example's number, checked by the assertion
+                env.size_like.discard(k)
+                env.guard_or_defer_runtime_assert(sympy.Eq(k, v), f"ditpass: {spec}")
+            return out
+
+    with _DATA_LOCK:
+        if _values_users == 0:
+            _SET_REAL_VAL = ShapeEnv.set_real_tensor_prop_unbacked_vals
+            ShapeEnv.set_real_tensor_prop_unbacked_vals = set_real
+        _values_users += 1
+    outer, _CAPTURING.values = getattr(_CAPTURING, "values", None), pending
+    try:
+        with torch._functorch.config.patch(fake_tensor_propagate_real_tensors=True,
+                                           generate_fake_kernels_from_real_mismatches=True), FixValues():
+            yield
+    finally:
+        _CAPTURING.values = outer
+        with _DATA_LOCK:
+            _values_users -= 1
+            if _values_users == 0:
+                ShapeEnv.set_real_tensor_prop_unbacked_vals = _SET_REAL_VAL
+
+
+def _explain_asserts(gm: torch.fx.GraphModule, specs: list[Specialization], name: str) -> None:
+    """The graph's runtime assertions on a fixed value say which value, where it was read, and what to do."""
+    by_symbol = {s.symbol: s for s in specs}
+    changed = False
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.aten._assert_scalar.default or len(node.args) < 2:
+            continue
+        hits = [by_symbol[u] for u in re.findall(r"\bu\d+\b", str(node.args[1])) if u in by_symbol]
+        if not hits:
+            continue
+        expr = str(node.args[1]).split("expression ")[-1].split(" on node")[0]
+        node.args = (node.args[0], (
+            f"{name} was captured specialised on a value read from its example inputs: "
+            + "; ".join(f"{h.where} (module `{h.module}`) read {h.value}" for h in hits)
+            + f". These inputs read another value ({expr} does not hold), so the graph captured for the "
+            f"example does not apply to them (ditpass keeps one graph per input shapes): call it with inputs that "
+            f"read the same values, or capture again for these: `ditpass.capture.forget(model)`, then a new "
+            f"ditpass.capture(model, ...) or ditpass.parallelize(model, plan) called with them"))
+        changed = True
+    if changed:
+        gm.recompile()
 
 
 # torch's loggers whose warnings during our capture are expected (a size-1 dim specialised, a graph break
@@ -360,6 +544,86 @@ def _export(module, args, kwargs, dynamic_shapes):
     return ep, ep.module()
 
 
+def _export_values(module, args, kwargs, dynamic_shapes, stack: list[str]):
+    """``export-values`` (see the module docstring): returns (ep, gm, specializations, opaque module paths).
+    A failure inside a submodule makes every module of its class an opaque token-wise op, where each one
+    is verified token-wise on the example, and exports again; otherwise the failure is raised, saying why
+    the module could not be made opaque."""
+    from .opaque import opaque_forwards
+
+    paths = {m: n or "<root>" for n, m in module.named_modules()}
+    opaque: dict[torch.nn.Module, tuple[int, list[int]]] = {}
+    tried: set[type] = set()
+    while True:
+        specs: list[Specialization] = []
+        stack.clear()
+        try:
+            with _example_values(stack, specs), opaque_forwards(opaque):
+                ep, gm = _export(module, args, kwargs, dynamic_shapes)
+        except Exception as exc:  # noqa: BLE001 - re-raised unless the failing module can be made opaque
+            where = stack[-1] if stack else "<root>"
+            sub = module.get_submodule(where) if where != "<root>" else None
+            if sub is None or type(sub) in tried:
+                raise
+            tried.add(type(sub))
+            made, why = _make_opaque(module, type(sub), args, kwargs, paths)
+            if why:
+                first = (str(exc).strip().splitlines() or [""])[0][:200]
+                raise RuntimeError(f"{type(exc).__name__}: {first}; `{where}` ({type(sub).__name__}) was not made an "
+                                   f"opaque token-wise op: {why}") from exc
+            opaque.update(made)
+            continue
+        _explain_asserts(gm, specs, type(module).__name__)
+        _drop_real_values(ep.graph_module, gm)
+        return ep, gm, specs, [paths[m] for m in opaque]
+
+
+def _drop_real_values(*gms: torch.fx.GraphModule) -> None:
+    """Real-tensor propagation leaves the example's value on every fake value of the graph, and its fake mode
+    running every op for real: a pass that propagates shapes with that mode would run the collectives it
+    inserts, and the graph would hold a copy of every intermediate tensor. Both are dropped."""
+    from torch._subclasses.fake_tensor import FakeTensor
+    from torch.utils import _pytree as pytree
+
+    for gm in gms:
+        for node in gm.graph.nodes:
+            for v in pytree.tree_leaves(node.meta.get("val")):
+                if isinstance(v, FakeTensor):
+                    v.real_tensor = None
+                    v.fake_mode.propagate_real_tensors = False
+
+
+def _make_opaque(root, cls, args, kwargs, paths):
+    """Every module of class ``cls`` that the example runs, registered as an opaque token-wise op:
+    ``({module: (key, dims)}, "")``, or ``({}, why not)`` where one of them does not qualify."""
+    from .opaque import register, single_tensor_call, verify_tokenwise
+
+    targets = [m for m in root.modules() if type(m) is cls]
+    seen: dict = {}
+    hooks = [m.register_forward_pre_hook(lambda mod, a, kw: seen.setdefault(mod, (a, kw)) and None, with_kwargs=True)
+             for m in targets]
+    try:
+        with torch.no_grad():
+            root(*args, **kwargs)
+    finally:
+        for h in hooks:
+            h.remove()
+    made = {}
+    for m in targets:
+        if m not in seen:
+            continue
+        a, kw = seen[m]
+        if not single_tensor_call(a, kw):
+            return {}, (f"`{paths[m]}` is called with {len(a)} positional and {len(kw)} keyword arguments; an "
+                        f"opaque token-wise op takes one tensor")
+        dims, why = verify_tokenwise(m, a[0])
+        if not dims:
+            return {}, f"`{paths[m]}`: {why}"
+        with torch.no_grad():
+            made[m] = (register(m, paths[m], m(a[0])), dims)
+    return made, ""
+
+
 def _dynamo_capture(module, args, kwargs):
     """Dynamo's graphs, graph breaks handled by Python: returns (graphs, runner)."""
     graphs: list[torch.fx.GraphModule] = []
@@ -378,7 +642,7 @@ def _dynamo_capture(module, args, kwargs):
     return graphs, compiled
 
 
-_STRATEGIES = ("export-dynamic", "export-static", "dynamo")
+_STRATEGIES = ("export-dynamic", "export-values", "export-static", "dynamo")
 
 
 def _spec_key(spec: Any) -> str:
@@ -410,18 +674,23 @@ def capture(module: torch.nn.Module, *args, dynamic_shapes: Any = "auto", strate
     module.eval()
     try:
         for method in order:
-            if method == "export-dynamic" and dynamic_shapes is None:
+            if method in ("export-dynamic", "export-values") and dynamic_shapes is None:
                 continue
             try:
                 with _module_tracker(module) as stack, torch.no_grad(), _quiet_torch():
-                    if method == "export-dynamic":
+                    if method in ("export-dynamic", "export-values"):
                         if isinstance(dynamic_shapes, str) and dynamic_shapes == "auto":
                             a_spec, k_spec = auto_dynamic_shapes(args, kwargs)
                             spec = _combine_spec(module, a_spec, k_spec)
                         else:
                             spec = dynamic_shapes
-                        ep, gm = _export(module, args, kwargs, spec)
-                        result = Captured(module, [gm], method, sig, time.time() - t0, ep, errors)
+                        if method == "export-dynamic":
+                            ep, gm = _export(module, args, kwargs, spec)
+                            result = Captured(module, [gm], method, sig, time.time() - t0, ep, errors)
+                        else:
+                            ep, gm, specs, opaque = _export_values(module, args, kwargs, spec, stack)
+                            result = Captured(module, [gm], method, sig, time.time() - t0, ep, errors,
+                                              specialized=specs, opaque=opaque)
                     elif method == "export-static":
                         ep, gm = _export(module, args, kwargs, None)
                         result = Captured(module, [gm], method, sig, time.time() - t0, ep, errors)
@@ -450,3 +719,6 @@ def _combine_spec(module, a_spec, k_spec):
 
     names = [p for p in inspect.signature(module.forward).parameters]
     return {**{names[i]: s for i, s in enumerate(a_spec)}, **k_spec}
+
+
+capture.forget = forget  # ``ditpass.capture`` is the function: ``ditpass.capture.forget(model)`` reaches this

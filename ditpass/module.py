@@ -132,7 +132,32 @@ class ParallelModule(torch.nn.Module):
     def _forward_local(self, *args, **kwargs):
         runner = self.build(*args, **kwargs).runner
         with sdpa_backend(self.plan.attention):
+            try:
+                return runner(*args, **kwargs)
+            except RuntimeError as exc:
+                if _SPECIALIZED not in str(exc):
+                    raise
+                runner = self._recapture(args, kwargs, exc)
             return runner(*args, **kwargs)
+
+    def _recapture(self, args, kwargs, exc):
+        """A graph captured specialised on values read from its example inputs (``export-values``) met
+        inputs that read others (a prompt with another number of valid text tokens): capture and build
+        again for them. Every rank sees the same inputs, so every rank fails at the same assertion and
+        builds again alike. Not under PipeFusion, which freed the other stages' weights."""
+        from .capture import forget
+
+        if self.plan.pipefusion > 1:
+            raise PlanError(
+                f"{type(self.module).__name__} was captured specialised on values read from its first inputs and "
+                f"these inputs read others, but PipeFusion freed the other stages' weights on this rank, so it "
+                f"cannot be captured again: parallelize a fresh model for these inputs ({str(exc).splitlines()[0][:300]})"
+            ) from exc
+        log.info("%s: inputs read other values than the specialised capture's example: capturing again",
+                 type(self.module).__name__)
+        forget(self.module)
+        self._records.pop(signature_of(args, kwargs), None)
+        return self.build(*args, **kwargs).runner
 
     def _check_weights(self) -> None:
         """Drop every build when the module's weights are no longer the ones the graphs read."""
@@ -180,6 +205,9 @@ class ParallelModule(torch.nn.Module):
                         whole.add(p)
             self._whole[sig] = whole
         return self._whole[sig]
+
+
+_SPECIALIZED = "was captured specialised on a value read from its example inputs"  # capture._explain_asserts
 
 
 def _named_inputs(module: torch.nn.Module, args: tuple, kwargs: dict) -> list[tuple[str, Any]]:

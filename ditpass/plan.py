@@ -34,7 +34,7 @@ from .errors import PlanError
 __all__ = ["Plan", "PlanError", "COMPILE_BACKENDS", "ATTENTION_BACKENDS", "OVERRIDE_KEYS"]
 
 COMPILE_BACKENDS = ("eager", "inductor", "nexfort")
-ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math")
+ATTENTION_BACKENDS = ("auto", "flash", "efficient", "cudnn", "math", "fa3")
 STEP_CACHE_METHODS = ("fbcache", "taylorseer")
 CHECK_INPUTS = ("first", "always", "off")
 # key -> type its value must have in an override dict
@@ -99,7 +99,9 @@ class Plan:
     cache_order: int = 1
     # graph backend: "eager" (no compile), "inductor" (torch.compile), "nexfort" (onediff's compiler)
     compile: str = "eager"
-    # SDPA kernel: "auto" lets torch choose, else "flash", "efficient", "cudnn" or "math"
+    # attention kernel: "auto" = FlashAttention-3 where installed on a Hopper GPU (bf16, no mask), else torch's SDPA
+    # choice; "flash", "efficient", "cudnn" or "math" = that SDPA kernel; "fa3" = FlashAttention-3 wherever it
+    # computes the call exactly, SDPA elsewhere (pip install 'ditpass[fa3]'; ditpass/runtime/fa3.py)
     attention: str = "auto"
     # merge the linear layers of one block that read the same input (q/k/v, and FLUX's MLP-in)
     # into one matrix product: bigger GEMMs, fewer launches; equal within rounding (passes/fuse_projections.py)

@@ -191,7 +191,7 @@ def test_from_dict_rejects_unknown_keys():
         Plan.from_dict({"ulysses": 2, "sequence": 4})
     message = str(info.value)
     assert "'sequence'" in message
-    assert "valid fields: dp, cfg, pipefusion, patches, warmup_steps, stage_blocks, ring, ulysses" in message
+    assert "valid fields: dp, cfg, pipefusion, patches, warmup_steps, stage_blocks, across_steps, ring, ulysses" in message
 
 
 def test_from_dict_takes_defaults():

@@ -152,3 +152,74 @@ def test_mask_written_in_place_through_a_view_stays_exact():
     for per_rank in results:
         for diff, sharded, sites in per_rank:
             assert diff <= TOL and sharded == sites == 1, per_rank
+
+
+class _LinearAttention(torch.nn.Module):
+    """Sana's linear attention (ReLU kernels, ``V K^T`` summed over the tokens, a normaliser row padded onto V)
+    and the normaliser as a sum over the tokens (Sana-Video's ``K.sum(-1)``)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.inp, self.out = torch.nn.Linear(4, dim), torch.nn.Linear(dim, 4)
+        self.q, self.k, self.v = (torch.nn.Linear(dim, dim) for _ in range(3))
+
+    def forward(self, x):
+        h = self.inp(x)
+        q, k, v = (m(h).transpose(1, 2).unflatten(1, (self.heads, -1)) for m in (self.q, self.k, self.v))  # [B,H,D,N]
+        q, k = torch.relu(q), torch.relu(k)
+        v = torch.nn.functional.pad(v, (0, 0, 0, 1), value=1.0)
+        o = (v @ k.transpose(-1, -2)) @ q  # [B, H, D+1, N]
+        o = o[:, :, :-1] / (o[:, :, -1:] + 1e-15)
+        z = 1 / (k.sum(dim=-1, keepdim=True).transpose(-2, -1) @ q + 1e-15)  # [B, H, 1, N]
+        return self.out((o * z).flatten(1, 2).transpose(1, 2))
+
+
+class _CausalGQA(torch.nn.Module):
+    """Causal self-attention with grouped K/V heads (4 query heads, 2 K/V heads): ``is_causal`` + ``enable_gqa``."""
+
+    def __init__(self, dim: int = 16):
+        super().__init__()
+        self.inp, self.out = torch.nn.Linear(4, dim), torch.nn.Linear(dim, 4)
+        self.q, self.kv = torch.nn.Linear(dim, dim), torch.nn.Linear(dim, dim)
+
+    def forward(self, x):
+        b, n, _ = x.shape
+        h = self.inp(x)
+        q = self.q(h).view(b, n, 4, 4).transpose(1, 2)
+        k, v = self.kv(h).view(b, n, 2, 2, 4).permute(2, 0, 3, 1, 4)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+        return self.out(a.transpose(1, 2).reshape(b, n, -1))
+
+
+class _MaskPerHead(torch.nn.Module):
+    """A key mask expanded over the heads (Lumina-Next: ``mask.view(B, 1, 1, N).expand(-1, H, N, -1)``)."""
+
+    def __init__(self, dim: int = 16, heads: int = 2):
+        super().__init__()
+        self.heads = heads
+        self.inp, self.out = torch.nn.Linear(4, dim), torch.nn.Linear(dim, 4)
+        self.qkv = torch.nn.Linear(dim, 3 * dim)
+
+    def forward(self, x, mask):
+        b, n, _ = x.shape
+        q, k, v = self.qkv(self.inp(x)).view(b, n, 3, self.heads, -1).permute(2, 0, 3, 1, 4)
+        m = mask.bool().view(b, 1, 1, n).expand(-1, self.heads, n, -1)
+        a = torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=m)
+        return self.out(a.transpose(1, 2).reshape(b, n, -1))
+
+
+@pytest.mark.parametrize("case", ["linear_attention", "causal_gqa", "mask_per_head"])
+def test_attention_variants_exact_and_sharded(case):
+    """Linear attention (sums over the tokens all-reduced, pad tokens zeroed), causal GQA attention and a mask per
+    head: exact under ulysses=2 and ring=2 with 9 tokens (padded), and their site sharded."""
+    torch.manual_seed(0)
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(1, 9, 4, generator=g)
+    model, inputs = {"linear_attention": (_LinearAttention(), dict(x=x)),
+                     "causal_gqa": (_CausalGQA(), dict(x=x)),
+                     "mask_per_head": (_MaskPerHead(), dict(x=x, mask=torch.tensor([[1] * 7 + [0, 1]])))}[case]
+    _, results = run_forked(_in_place_mask, 2, model.eval(), inputs, [dict(ulysses=2), dict(ring=2)])
+    for per_rank in results:
+        for diff, sharded, sites in per_rank:
+            assert diff <= TOL and sharded == sites == 1, (case, per_rank)

@@ -15,6 +15,10 @@ Kinds (``AttentionSite.kind``):
 - ``pooler``: a query of one vector (attention pooling of text: HunyuanDiT, Mochi), or a constant
   query that is the first segment of its own keys (``[mean(x), x]``).
 - ``matmul``: tokens mixed by a plain matmul / einsum (linear attention), not by SDPA.
+
+Attention written out (``softmax(q @ k.transpose(-2, -1) * scale) @ v``) is classified as SDPA is, by its
+q / k / v: the site sits on the ``@ v`` matmul, with ``written`` naming q, k, v and the scale (a
+sequence-parallel pass turns it into one attention op).
 - ``other``: anything else, e.g. a sequence whose lengths export made all constant (nothing tells
   image from text then); sharding passes gather around it.
 
@@ -36,7 +40,9 @@ from . import ops
 from .blocks import block_path, module_path
 from .symbolic import ExprClasses, dim_exprs, node_val
 
-__all__ = ["AttentionSite", "find_attention", "is_sdpa"]
+__all__ = ["AttentionSite", "find_attention", "is_sdpa", "written_attention"]
+
+aten = torch.ops.aten
 
 
 def is_sdpa(node: torch.fx.Node) -> bool:
@@ -71,6 +77,8 @@ class AttentionSite:
     causal: bool = False
     mask_shape: tuple | None = None
     folded: sympy.Expr | None = None  # batch-dim expr of the query when it carries visual tokens (temporal)
+    # attention written out as ``softmax(q @ k^T * scale) @ v``: (q, k, v node names, scale), on the last matmul
+    written: tuple | None = None
 
     def describe(self) -> str:
         seg = " + ".join(str(s) for s in self.segments)
@@ -188,6 +196,74 @@ def _classify(q_len, kv_len, classes: ExprClasses, visual: set, axial: bool) -> 
     return "other", qs, ks  # e.g. all lengths constant: nothing tells image from text
 
 
+_CASTS = {"to", "_to_copy", "type_as", "contiguous", "clone", "alias", "dropout"}
+
+
+def _through(node, names):
+    """Back from ``node`` through single-input ops of the families ``names`` (dtype casts)."""
+    while isinstance(node, torch.fx.Node) and node.op == "call_function" and ops.name_of(node.target) in names:
+        if ops.name_of(node.target) == "dropout" and node.args[1:2] not in ((0.0,), (0,)) and \
+                not (len(node.args) > 2 and node.args[2] is False):
+            return None
+        node = node.args[0]
+    return node
+
+
+def written_attention(node: torch.fx.Node):
+    """``(q, k, v, scale, inner)`` when ``node`` is the ``@ v`` of attention written out: ``softmax(q @ k^T * c,
+    -1) @ v`` (``* c``, ``/ c`` or no scaling; casts between), q/k/v of shape [..., S, D]; ``inner``: the score
+    nodes, each used only by the next. None otherwise."""
+    if not (node.op == "call_function" and ops.name_of(node.target) == "matmul" and len(node.args) == 2):
+        return None
+    p, v = node.args
+    sm = _through(p, _CASTS)
+    if not (isinstance(sm, torch.fx.Node) and sm.op == "call_function"
+            and ops.name_of(sm.target) in ("softmax", "_softmax")):
+        return None
+    nd = node_val(sm).dim()
+    if sm.args[1] % nd != nd - 1:
+        return None
+    x, scale, inner = _through(sm.args[0], _CASTS), 1.0, [sm]
+    scaling = x.target if isinstance(x, torch.fx.Node) and x.op == "call_function" else None
+    if scaling in (aten.mul.Tensor, aten.mul.Scalar, aten.div.Tensor, aten.div.Scalar) \
+            and isinstance(x.args[1], (int, float)) and x.args[1] != 0:
+        scale = float(x.args[1]) if scaling in (aten.mul.Tensor, aten.mul.Scalar) else 1.0 / float(x.args[1])
+        inner.append(x)
+        x = _through(x.args[0], _CASTS)
+    if not (isinstance(x, torch.fx.Node) and x.op == "call_function" and ops.name_of(x.target) == "matmul"):
+        return None
+    q, kt = x.args[:2]
+    inner.append(x)
+    if not (isinstance(kt, torch.fx.Node) and kt.op == "call_function"):
+        return None
+    kv = node_val(kt)
+    if ops.name_of(kt.target) == "transpose" and {d % kv.dim() for d in kt.args[1:3]} == {kv.dim() - 2, kv.dim() - 1}:
+        k = kt.args[0]
+    elif ops.name_of(kt.target) == "permute" and list(kt.args[1])[-2:] in ([kv.dim() - 1, kv.dim() - 2], [-1, -2]) \
+            and list(kt.args[1])[:-2] == list(range(kv.dim() - 2)):
+        k = kt.args[0]
+    else:
+        return None
+    vals = [node_val(t) for t in (q, k, v)]
+    if not all(isinstance(t, torch.Tensor) and t.dim() == nd for t in vals) or vals[0].shape[-1] != vals[1].shape[-1]:
+        return None
+    # every score node feeds only the next: folding the chain into one attention leaves nothing behind
+    if any(len(n.users) != 1 for n in inner) or len(p.users) != 1:
+        return None
+    return q, k, v, scale, inner
+
+
+def _qkv_nodes(graph: torch.fx.Graph):
+    """(node, q, k, v) of every SDPA call and every attention written out."""
+    for node in graph.nodes:
+        if is_sdpa(node):
+            yield node, *node.args[:3]
+        else:
+            w = written_attention(node)
+            if w is not None:
+                yield node, *w[:3]
+
+
 def _main_sequences(graph: torch.fx.Graph, classes: ExprClasses, visual: set) -> set:
     """Classes of the visual sequences that attention runs along: the query of cross attention and
     of self/joint attention whose batch holds no visual symbols. Where every visual attention folds
@@ -196,10 +272,8 @@ def _main_sequences(graph: torch.fx.Graph, classes: ExprClasses, visual: set) ->
     rest of the visual tokens in its batch, is ``temporal`` (Latte: frames)."""
     main: set = set()
     folded: list = []
-    for node in graph.nodes:
-        if not is_sdpa(node):
-            continue
-        qs, ks = (dim_exprs(node_val(a)) for a in node.args[:2])
+    for node, q, k, _ in _qkv_nodes(graph):
+        qs, ks = (dim_exprs(node_val(a)) for a in (q, k))
         if not qs or not ks:
             continue
         q_len, kv_len = qs[-2], ks[-2]
@@ -237,22 +311,30 @@ def find_attention(graph: torch.fx.Graph, classes: ExprClasses, visual: set | No
         visual = visual_symbols(graph, classes)
     main = _main_sequences(graph, classes, visual)
     sites: list[AttentionSite] = []
+    written = {node: written_attention(node) for node in graph.nodes}
+    written = {n: w for n, w in written.items() if w is not None}
+    scores = {x for w in written.values() for x in w[4]}
     for node in graph.nodes:
-        if is_sdpa(node):
-            q, k, v = (node_val(a) for a in node.args[:3])
+        if is_sdpa(node) or node in written:
+            w = written.get(node)
+            qkv = w[:3] if w else node.args[:3]
+            q, k, v = (node_val(a) for a in qkv)
             qs, ks, vs = dim_exprs(q), dim_exprs(k), dim_exprs(v)
             folded = _folded(qs, classes, visual)
             axial = folded is not None and classes.find(qs[-2]) not in main
             kind, qseg, kseg = _classify(qs[-2], ks[-2], classes, visual, axial)
-            mask = node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-            causal = node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+            mask = None if w else node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+            causal = False if w else node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
             mval = node_val(mask) if isinstance(mask, torch.fx.Node) else None
             site = AttentionSite(
                 node.name, kind, module_path(node), block_path(node),
                 int(q.shape[-3]) if q.dim() >= 4 and not isinstance(q.shape[-3], torch.SymInt) else None,
                 int(q.shape[-1]), tuple(qs), tuple(ks), tuple(vs), qs[-2], ks[-2], qseg, kseg,
                 mask is not None, bool(causal),
-                tuple(dim_exprs(mval)) if isinstance(mval, torch.Tensor) else None, folded)
+                tuple(dim_exprs(mval)) if isinstance(mval, torch.Tensor) else None, folded,
+                (w[0].name, w[1].name, w[2].name, w[3]) if w else None)
+        elif node in scores:
+            continue  # the q @ k^T of attention written out: part of the site at its ``@ v``
         elif node.op == "call_function" and node.target in ops.MATMUL:
             site = _matmul_site(node, classes, visual)
             if site is None:

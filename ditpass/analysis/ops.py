@@ -15,8 +15,10 @@ Kinds:
 - ``view``: reshapes without moving data (the token dim survives when the sizes before it match);
 - ``layout``: moves, selects, joins or repeats along dims (permute, slice, cat, expand, ...);
 - ``reduce``: reduces over ``dim`` (mean, softmax, ...); ``norm``: normalises the last dims;
-- ``linear``, ``embedding``, ``matmul``, ``outer``, ``repeat_interleave``: one rule each;
+- ``linear``, ``embedding``, ``matmul``, ``outer``, ``repeat_interleave``, ``pad``: one rule each;
 - ``attention``: SDPA (the sites the analysis classifies);
+- ``tokenwise``: a submodule capture runs as one opaque op, token-wise along the dims it lists
+  (``ditpass.opaque``);
 - ``skip``: asserts and range constraints: no value, nothing to rewrite.
 """
 from __future__ import annotations
@@ -25,6 +27,8 @@ import operator
 from dataclasses import dataclass
 
 import torch
+
+from ditpass import opaque as _opaque
 
 __all__ = ["OpInfo", "info", "name_of", "kind_of", "is_pointwise", "mutates", "SDPA", "MATMUL"]
 
@@ -75,7 +79,9 @@ _add("embedding", [aten.embedding])
 _add("matmul", [aten.matmul, aten.bmm, aten.mm, aten.einsum, aten.baddbmm])
 _add("outer", [aten.outer])
 _add("repeat_interleave", [aten.repeat_interleave], dim={"repeat_interleave": (2, None)})
+_add("pad", [aten.pad, aten.constant_pad_nd])  # pad widths from the last dim backwards
 _add("attention", [aten.scaled_dot_product_attention])
+_TABLE[_opaque.TOKENWISE] = OpInfo("opaque_tokenwise", "tokenwise")
 _add("skip", [aten._assert_tensor_metadata, aten._assert_scalar, aten.sym_constrain_range_for_size,
               aten.sym_constrain_range])
 # Dynamo's graphs (a model captured in pieces) call torch functions: the analysis reads those too

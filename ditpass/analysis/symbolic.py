@@ -85,7 +85,7 @@ class ExprClasses:
         self.parts[ra] = pa + pb
         for x in pa:
             for y in pb:
-                if len(x) == len(y):
+                if _pairwise(x, y):
                     for u, v in zip(x, y):
                         if u != v and not (u.is_Integer and v.is_Integer):
                             self.union(u, v)
@@ -98,7 +98,7 @@ class ExprClasses:
         lst = self.parts.setdefault(root, [])
         if parts not in lst:
             for other in lst:
-                if len(other) == len(parts):
+                if _pairwise(other, parts):
                     for u, v in zip(other, parts):
                         if u != v:
                             self.union(u, v)
@@ -127,6 +127,16 @@ class ExprClasses:
         for m in self.members(e):
             out |= m.free_symbols
         return out
+
+
+def _pairwise(x: tuple, y: tuple) -> bool:
+    """Two decompositions of one length are the same segments, part by part, when they have as many parts
+    and no pair is two different exprs of the same symbols: FLUX's ``s31 + s87`` and ``s96 + s29`` (each
+    input with its own symbols) are; Helios' ``[long, mid + short + current]`` and ``[long + mid + short,
+    current]`` (one sequence cut at two places) are not."""
+    if len(x) != len(y):
+        return False
+    return not any(u != v and u.free_symbols & v.free_symbols and sympy.expand(u - v) != 0 for u, v in zip(x, y))
 
 
 def build_classes(graph: torch.fx.Graph) -> ExprClasses:

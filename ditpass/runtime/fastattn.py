@@ -121,7 +121,7 @@ def window_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, half: in
     S = q.shape[-2]
     if half >= S - 1:
         _KERNEL[q.device.type] = "full (the band covers every key)"
-        return F.scaled_dot_product_attention(q, k, v, scale=scale)
+        return seq.attend(q, k, v, scale=scale)
     choice = os.environ.get("DITPASS_WINDOW_KERNEL", "auto")
     if q.device.type == "cuda" and choice != "blocked":
         if choice == "fa3" or (choice == "auto" and q.dtype == torch.bfloat16 and _fa3() is not None):
@@ -418,8 +418,7 @@ def attend(s, q, k, v, attn_mask=None, sent=None, lengths=(), dropout_p=0.0, is_
     elif method == "full" and not refresh:
         # the call the op makes without DiTFastAttn: bit-identical
         if s.seq is None:
-            out = F.scaled_dot_product_attention(q, k, v, attn_mask=attn_mask, dropout_p=dropout_p,
-                                                 is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
+            out = seq.attend(q, k, v, attn_mask, dropout_p, is_causal, scale=scale, enable_gqa=enable_gqa)
         else:
             out = seq.seq_attention(q, k, v, scale, list(lengths), s.seq, mask=attn_mask, sent=sent)
     elif f.cfg_group and method in _WITHOUT_ASC:
@@ -481,7 +480,7 @@ def _compute(method, q, k, v, mask, scale, window, state, res_name, refresh):
     half = half_width(q.shape[-2], window)
     r = None
     if base == "full":
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+        out = seq.attend(q, k, v, mask, scale=scale)
         if refresh:
             r = out - window_attention(q, k, v, half, scale)
     else:

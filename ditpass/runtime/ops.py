@@ -111,10 +111,8 @@ def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: torch.Ten
     elif s.fast is not None:  # DiTFastAttn: this step's method (full, window + residual, shared)
         out = fastattn.attend(s, q, k, v, attn_mask, sent, list(lengths or ()), dropout_p, is_causal, scale,
                               enable_gqa)
-    elif s.seq is None:
-        out = torch.nn.functional.scaled_dot_product_attention(
-            q, k, v, attn_mask=attn_mask, dropout_p=dropout_p, is_causal=is_causal, scale=scale,
-            enable_gqa=enable_gqa)
+    elif s.seq is None:  # SDPA, or FlashAttention-3 where Plan.attention chose it (`seq.attend`)
+        out = seq.attend(q, k, v, attn_mask, dropout_p, is_causal, scale, enable_gqa)
     else:
         out = seq.seq_attention(q, k, v, scale, list(lengths or ()), s.seq, mask=attn_mask, sent=sent)
     return _bshd(out)

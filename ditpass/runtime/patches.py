@@ -20,7 +20,6 @@ order, in the model's `RunState`, so a new generation zeroes it):
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 
 from .seq import chunk_len
 
@@ -136,14 +135,14 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
             kb, vb = pa.buffers(site.site, k, v, k.shape[2])
             kb.copy_(k)
             vb.copy_(v)
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, scale=scale)
+            return seq.attend(q, k, v, mask, scale=scale)
 
         def write_all(q_, k_, v_, m_, lengths_, n_, srcs):  # Ulysses gathered every token of our heads
             kb, vb = pa.buffers(site.site, k_, v_, sum(int(L) for L in lengths_))
             pos = pa.positions(lengths_, n_, srcs, True, k_.device)  # to global order
             kb.index_copy_(2, pos, k_)
             vb.index_copy_(2, pos, v_)
-            return F.scaled_dot_product_attention(q_, k_, v_, attn_mask=m_, scale=scale)
+            return seq.attend(q_, k_, v_, m_, scale=scale)
 
         return seq.seq_attention(q, k, v, scale, list(lengths), site.seq, mask=mask, sent=sent, local=write_all,
                                  whole=True)
@@ -160,7 +159,7 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
             mask = mask.index_select(-2, pa.positions(lengths, pa.n, [p], False, mask.device))  # pads: last token
         if pa.partial and p < pa.n - 1:
             kb, vb, mask = _filled(kb, vb, mask, lengths, pa.n, p + 1)
-        return F.scaled_dot_product_attention(q, kb, vb, attn_mask=mask, scale=scale)
+        return seq.attend(q, kb, vb, mask, scale=scale)
     if mask is not None:
         # the pipefusion pass refuses a masked site under the hybrid (the rewriter's patch branch); a guard
         raise ValueError(f"site {site.module}: PipeFusion x sequence parallelism does not take an attention mask")
@@ -172,7 +171,7 @@ def patch_attention(q, k, v, scale, lengths, pa: PatchAttention, site, mask=None
         vb.index_copy_(2, pos, v_)
         if pa.partial and pa.patch < pa.n - 1:
             kb, vb, _ = _filled(kb, vb, None, lengths, pa.chunks, (pa.patch + 1) * pa.sp)
-        return F.scaled_dot_product_attention(q_, kb, vb, scale=scale)
+        return seq.attend(q_, kb, vb, scale=scale)
 
     return seq.seq_attention(q, k, v, scale, lengths, _PatchSeq(pa), sent=sent, local=against_buffer, whole=True)
 

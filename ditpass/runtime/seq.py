@@ -20,7 +20,9 @@ import contextlib
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-__all__ = ["all_gather", "sdpa_backend", "chunk_len", "local_len", "shard", "gather", "ulysses_send", "seq_attention", "sdpa_lse", "merge_lse"]
+from . import fa3
+
+__all__ = ["all_gather", "sdpa_backend", "chunk_len", "local_len", "shard", "zero_pad", "gather", "ulysses_send", "seq_attention", "attend", "sdpa_lse", "merge_lse"]
 
 
 _c10d = torch.ops._c10d_functional  # the functional collectives' ops: plain tensors in, plain tensors out
@@ -59,6 +61,21 @@ def shard(x: torch.Tensor, dim: int, lengths: list, n: int, p: int) -> torch.Ten
         parts.append(x.index_select(dim, idx))
         off = off + L
     return parts[0] if len(parts) == 1 else torch.cat(parts, dim)
+
+
+def zero_pad(x: torch.Tensor, dim: int, lengths: list, n: int, p: int) -> torch.Tensor:
+    """Rank ``p``'s shard ``x`` (chunks of segments of global ``lengths`` along ``dim``) with the pad tokens
+    (the edge copies past a segment's end) zeroed: what a sum over the tokens must not count."""
+    keep = []
+    for L in lengths:
+        c, real = chunk_len(L, n), _valid(L, n, p)
+        keep.append(torch.arange(c, device=x.device) < real)
+    keep = torch.cat(keep)
+    if bool(keep.all()):
+        return x
+    shape = [1] * x.dim()
+    shape[dim % x.dim()] = keep.numel()
+    return torch.where(keep.view(shape), x, torch.zeros((), dtype=x.dtype, device=x.device))
 
 
 def gather(x: torch.Tensor, dim: int, lengths: list, n: int, group: str) -> torch.Tensor:
@@ -121,16 +138,55 @@ def _additive(mask, dtype):
     return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, float("-inf"))
 
 
-def sdpa_backend(name: str):
-    """The context that makes SDPA use the kernel ``name`` (``Plan.attention``; "auto": torch's choice).
+_SDPA_KERNELS = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+                 "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}
+_attention = "auto"  # Plan.attention while `sdpa_backend` is entered (module.py: each call); read by `_use_fa3`
 
-    It sets torch's SDPA backend flags, which ``F.scaled_dot_product_attention`` and the ring attention
-    here (`sdpa_lse`) both follow."""
-    if name == "auto":
-        return contextlib.nullcontext()
-    backend = {"flash": SDPBackend.FLASH_ATTENTION, "efficient": SDPBackend.EFFICIENT_ATTENTION,
-               "cudnn": SDPBackend.CUDNN_ATTENTION, "math": SDPBackend.MATH}[name]
-    return sdpa_kernel(backend)
+
+@contextlib.contextmanager
+def sdpa_backend(name: str):
+    """The context that makes attention use the kernel ``name`` (``Plan.attention``).
+
+    An SDPA kernel ("flash", "efficient", "cudnn", "math") sets torch's SDPA backend flags, which
+    ``F.scaled_dot_product_attention`` and the ring attention here (`sdpa_lse`) both follow. "fa3":
+    FlashAttention-3 (`ditpass.runtime.fa3`) at every attention it computes exactly, SDPA as torch
+    chooses at the others (masks, fp16 on a build without it); `PlanError` where the package does not
+    import, or at the first attention on a GPU that is not Hopper. "auto": FA3 where it is installed,
+    the GPU is Hopper and the call is one it computes, else torch's choice."""
+    global _attention
+    if name == "fa3":
+        fa3.require()
+    kernel = _SDPA_KERNELS.get(name)
+    before, _attention = _attention, name
+    try:
+        with (sdpa_kernel(kernel) if kernel is not None else contextlib.nullcontext()):
+            yield
+    finally:
+        _attention = before
+
+
+def _use_fa3(q, k, v, mask=None, dropout_p=0.0, is_causal=False, enable_gqa=False) -> bool:
+    """Whether this attention runs FlashAttention-3, as `sdpa_backend` says (read when the op runs: the ops
+    are opaque to ``torch.compile``, so each call's choice counts)."""
+    if _attention == "fa3":
+        fa3.require(q.device)
+        return fa3.runs(q, k, v, mask, dropout_p, is_causal, enable_gqa)
+    return (_attention == "auto" and q.shape[-2] * k.shape[-2] >= FA3_AUTO_MIN and fa3.device_ok(q.device)
+            and fa3.available() and fa3.runs(q, k, v, mask, dropout_p, is_causal, enable_gqa))
+
+
+# ``auto`` takes FlashAttention-3 from this many query x key positions up. On an H200, FLUX.1-dev's forward is
+# 4.8% faster with it at 16896 tokens and 2.4% at 4608 (benchmarks/results/perf_fa3_20261202), though the
+# kernel alone is 5% slower than cuDNN at 4608 (benchmarks/results/check_fa3.md); below 2048 tokens untried
+FA3_AUTO_MIN = 2048 * 2048
+
+
+def attend(q, k, v, mask=None, dropout_p=0.0, is_causal=False, scale=None, enable_gqa=False):
+    """``F.scaled_dot_product_attention``'s result, computed by FlashAttention-3 where `sdpa_backend` chose it."""
+    if _use_fa3(q, k, v, mask, dropout_p, is_causal, enable_gqa):
+        return fa3.attention(q, k, v, scale)[0]
+    return torch.nn.functional.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout_p,
+                                                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
 
 
 def _sdpa_flags() -> tuple[bool, bool, bool]:
@@ -145,7 +201,9 @@ def sdpa_lse(q, k, v, scale=None, mask=None):
 
     Follows torch's SDPA backend flags (``torch.nn.attention.sdpa_kernel``, set by ``Plan.attention``):
     a fused kernel only where its flag is on, else the math path. A query whose keys are all masked
-    gets output 0 and lse -inf, so merging ignores it."""
+    gets output 0 and lse -inf, so merging ignores it. FlashAttention-3 where `sdpa_backend` chose it."""
+    if _use_fa3(q, k, v, mask):
+        return fa3.attention(q, k, v, scale)
     flash, cudnn, efficient = _sdpa_flags()
     if mask is not None or not (flash or cudnn or efficient):
         return _math_lse(q, k, v, scale, mask)
@@ -258,6 +316,9 @@ def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None, local=
         h = qkv.shape[4]
         qkv = qkv.transpose(0, 1).reshape(B, u * S, 3, h, D)
         q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))  # [B, h, u*S, D]
+        if mask is not None and mask.dim() == 4 and mask.shape[1] != 1:  # a mask per head: this rank's heads
+            heads = (torch.arange(h, device=mask.device) + s.ulysses_rank * h).clamp(max=H - 1)  # pad heads: any
+            mask = mask.index_select(1, heads)
     uly_ranks = list(range(u)) if u > 1 else [s.ulysses_rank]
     base = getattr(s, "base", 0)
     # a mask is in global order; pick the rows of our queries and the columns of each key chunk
@@ -279,8 +340,7 @@ def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None, local=
         if local is not None:
             out = local(q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), m, lengths, n, srcs)
         else:
-            out = torch.nn.functional.scaled_dot_product_attention(
-                q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), attn_mask=m, scale=scale)
+            out = attend(q, _compact(k, lengths, n, srcs), _compact(v, lengths, n, srcs), m, scale=scale)
     else:
         kv = torch.stack([k.transpose(1, 2), v.transpose(1, 2)])  # [2, B, u*S, h, D], token-major
         kv = all_gather(kv, r, s.ring_group)

@@ -35,6 +35,9 @@ When off (``ring * ulysses == 1``) the pass does nothing.
 """
 from __future__ import annotations
 
+import math
+
+import torch
 import torch.fx
 
 from ditpass.pass_base import GraphPass, PassContext, PassResult
@@ -56,42 +59,128 @@ class SequenceParallel(GraphPass):
                              "symbolic lengths (capture with dynamic shapes)")
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
+        folded = _fold_written_attention(gm, ctx)
         rw = _Rewriter(gm, ctx)
         rw.run()
         inputs = {n.name: (lay.dim, [str(s) for s in lay.segs]) for n, lay in rw.layout.items()
                   if n.op == "placeholder" and lay is not None and not isinstance(lay, list)}
         notes = list(rw.notes)
+        if folded:
+            notes.insert(0, f"{folded} attention sites written out as softmax(q @ k^T * scale) @ v became one "
+                            f"ditpass::attention each")
         whole = _replicated_sites(gm, rw, ctx)
         if whole:
-            notes.insert(0, _say_replicated(whole, len(ctx.sites), rw.notes, ctx))
+            notes.insert(0, _say_replicated(whole, len(ctx.sites), rw.notes, ctx, gm))
         return PassResult(self.name, True, collectives=rw.collectives, notes=notes, io=rw.io(),
                           details={"sharded_inputs": inputs, "replicated_sites": [s.module for s in whole]})
 
 
+def _fold_written_attention(gm, ctx) -> int:
+    """Attention written out (the analysis' sites with ``written``: ``softmax(q @ k^T * c) @ v``) becomes one
+    ``ditpass::attention`` site, as the attention_sites pass makes of SDPA, so that it can run sequence-parallel::
+
+        s = matmul(q, transpose(k, -2, -1)); p = softmax(mul(s, 0.125), -1); o = matmul(p, v)
+        ->  o = ditpass.attention(q, k, v, site_5, scale=0.125)
+
+    The score nodes are left to dead-code elimination. Returns how many were folded."""
+    from ditpass.runtime.ops import OPS
+
+    nodes = {n.name: n for n in gm.graph.nodes}
+    top = next(n for n in gm.graph.nodes if n.op != "placeholder")
+    made = 0
+    for node in list(gm.graph.nodes):
+        site = node.meta.get("ditpass_attention")
+        if site is None or not getattr(site, "written", None):
+            continue
+        q, k, v = (nodes[x] for x in site.written[:3])
+        entry = ctx.sites.add(node.name, site.kind, site.module)
+        attr = f"site_{entry.site}"
+        gm.register_buffer(attr, torch.tensor(entry.site), persistent=False)
+        with gm.graph.inserting_before(top):
+            site_t = gm.graph.get_attr(attr)
+            site_t.meta["val"] = getattr(gm, attr)
+        with gm.graph.inserting_before(node):
+            new = gm.graph.call_function(OPS["attention"], (q, k, v, site_t), {"scale": site.written[3]})
+        new.meta = dict(node.meta)
+        node.replace_all_uses_with(new)
+        gm.graph.erase_node(node)
+        made += 1
+    if made:
+        gm.graph.eliminate_dead_code()  # the score nodes, before the rewriter would gather for them
+    return made
+
+
 class ReplicatedWarning(UserWarning):
-    """Sequence parallelism left attention sites whole on every rank (exact, but not parallel work)."""
+    """Sequence parallelism left attention sites whole on every rank (exact, but not parallel work): raised as a
+    warning whenever any site is left so, however few; its text names the sites, their share of the attention
+    FLOPs (so that "most of the work is unsharded" shows) and the fallback that left each whole."""
 
 
 def _replicated_sites(gm, rw, ctx) -> list:
     """The attention sites whose output is not sharded: every sequence rank computes them whole."""
-    import torch
-
     by_node = {}
     for node in gm.graph.nodes:
         if node.target is torch.ops.ditpass.attention.default:
             by_node[int(getattr(gm, node.args[3].target))] = isinstance(rw.layout.get(node), Sharded)
-    return [s for s in ctx.sites if not by_node.get(s.site, True)]
+    # a token-mixing matmul site (linear attention) that the rewriter did not shard has no strategy
+    return [s for s in ctx.sites if not by_node.get(s.site, True) or (s.site not in by_node and s.seq is None)]
 
 
-def _say_replicated(whole, total: int, reasons, ctx) -> str:
-    """One line for ``explain`` and, on rank 0, a `ReplicatedWarning`: which sites and why."""
+def _hint(x):
+    if isinstance(x, int):
+        return x
+    from torch.fx.experimental.symbolic_shapes import guarding_hint_or_throw
+
+    return int(guarding_hint_or_throw(x))
+
+
+def _site_flops(gm) -> dict[int, int | None]:
+    """SDPA FLOPs (``4 * prod(q.shape[:-1]) * kv_len * head_dim``) of each attention site at the captured
+    sizes, by site id; None where a size has no hint (a length that depends on data)."""
+    out = {}
+    for node in gm.graph.nodes:
+        if node.target is not torch.ops.ditpass.attention.default:
+            continue
+        q, k = (a.meta.get("val") for a in node.args[:2])
+        try:
+            shape = [_hint(x) for x in q.shape]
+            out[int(getattr(gm, node.args[3].target))] = 4 * math.prod(shape[:-1]) * _hint(k.shape[-2]) * shape[-1]
+        except Exception:  # noqa: BLE001 - an unbacked size: no share for this site
+            out[int(getattr(gm, node.args[3].target))] = None
+    return out
+
+
+def _why(site, notes: list[str]) -> str:
+    """The first fallback note inside the site's module (or its block), else the first note of all."""
+    mod = site.module or ""
+    block = mod.rsplit(".", 1)[0] if "." in mod else mod
+    for prefix in (f"in `{mod}`:", f"in `{block}"):
+        for r in notes:
+            if prefix in r:
+                return r.split(": ", 1)[-1]
+    return notes[0].split(": ", 1)[-1] if notes else "no sharded input reaches it"
+
+
+def _say_replicated(whole, total: int, reasons, ctx, gm=None) -> str:
+    """One line for ``explain`` and, on rank 0, a `ReplicatedWarning`: which sites, their share of the attention
+    FLOPs, and why each (the fallback that left it whole)."""
     import warnings
 
-    mods = sorted({s.module or s.node for s in whole})
-    why = "; ".join(dict.fromkeys(r.split(": ", 1)[-1] for r in reasons[:3])) or "no sharded input reaches them"
-    text = (f"{len(whole)} of {total} attention sites run whole on every rank (replicated, not sharded: "
-            f"{ctx.plan.ring * ctx.plan.ulysses} sequence ranks do the same work there): "
-            f"{', '.join(mods[:4])}{', ...' if len(mods) > 4 else ''}; why: {why}")
+    share = ""
+    if gm is not None:
+        flops = _site_flops(gm)
+        known = [f for f in flops.values() if f is not None]
+        if known and None not in flops.values() and sum(known):
+            part = sum(flops.get(s.site) or 0 for s in whole) / sum(known)
+            share = f" ({100 * part:.0f}% of the attention FLOPs)"
+    mods: dict[str, str] = {}
+    for s in whole:
+        mods.setdefault(s.module or s.node, _why(s, reasons))
+    names = list(mods)
+    why = "; ".join(dict.fromkeys(mods.values()))
+    listed = ", ".join(f"{m}" for m in names[:4]) + (", ..." if len(names) > 4 else "")
+    text = (f"{len(whole)} of {total} attention sites{share} run whole on every rank (replicated, not sharded: "
+            f"{ctx.plan.ring * ctx.plan.ulysses} sequence ranks do the same work there): {listed}; why: {why}")
     if ctx.placement.rank == 0:
         warnings.warn(text, ReplicatedWarning, stacklevel=2)
     return text

@@ -17,17 +17,19 @@ import sympy
 import torch
 import torch.fx
 
-from ditpass.analysis import flat
+from ditpass.analysis import flat, ops
 from ditpass.analysis.blocks import module_path
 from ditpass.analysis.symbolic import dim_exprs, node_val
 from ditpass.pass_base import Collective, PassContext, nbytes
 from ditpass.runtime import seq
 from ditpass.runtime.ops import OPS
 from ditpass.runtime.sites import SeqAttention
+from ditpass.runtime.tokens import OPS as TOKEN_OPS
 
 from . import rules
 
 aten = torch.ops.aten
+_c10d = torch.ops._c10d_functional
 
 
 @dataclass(frozen=True)
@@ -72,13 +74,22 @@ class _Rewriter:
         self.seq = SeqAttention(pl.degrees["ulysses"], pl.degrees["ring"], pl.coords["ulysses"], pl.coords["ring"],
                                 pl.group("ulysses"), pl.group("ring"))
         self.sites = ctx.sites
+        self.fastattn = bool(ctx.plan.fastattn)
         self.layout: dict[torch.fx.Node, Sharded | list | None] = {}
         self.seg_len: dict = {}  # segment class rep -> node giving its global length
+        self.sym_src: dict = {}  # input size symbol -> node giving its value
         self.notes: list[str] = []
         self.collectives: list[Collective] = []
         self.token_classes = set(ctx.analysis.token_classes)
         self.gathered: dict[torch.fx.Node, torch.fx.Node] = {}
         self.shards: list[torch.fx.Node] = []
+        # token-mixing matmuls (linear attention) are sites too: in the table, local until sharded here
+        self.matmul_sites: dict[torch.fx.Node, int] = {}
+        if patch is None:
+            for node in self.g.nodes:
+                site = node.meta.get("ditpass_attention")
+                if node.op == "call_function" and site is not None and site.kind == "matmul":
+                    self.matmul_sites[node] = self.sites.add(node.name, "matmul", site.module).site
 
     # ---- symbolic helpers -------------------------------------------------------------
     def find(self, e):
@@ -114,7 +125,58 @@ class _Rewriter:
             return self.seg_len[seg]
         if seg.is_Integer:  # a constant-length segment (text whose length export fixed)
             return int(seg)
+        # no tensor of this length was seen replicated (AuraFlow's text is only ever concatenated after its
+        # register tokens; Helios' history latents are cut and concatenated): compute it from the input
+        # sizes it is an expression of, in the graph
+        for e in [seg] + [m for m in self.cls.members(seg) if m != seg]:
+            if e.free_symbols and e.free_symbols <= self.sym_src.keys():
+                try:
+                    with self.g.inserting_before(before):
+                        ln = self._emit(e)
+                except _Fallback:
+                    continue
+                self.seg_len[seg] = ln
+                return ln
         raise _Fallback(f"no global length source for segment {seg}")
+
+    def _emit(self, e):
+        """A size expression as graph arithmetic on the input sizes (``operator`` nodes, as `_chunk_len`)."""
+        if e.is_Integer:
+            return int(e)
+        if e.is_Symbol:
+            return self.sym_src[e]
+        fn = type(e).__name__
+        binary = {"FloorDiv": operator.floordiv, "Mod": operator.mod, "PythonMod": operator.mod}
+        if isinstance(e, (sympy.Add, sympy.Mul)):
+            op = operator.add if isinstance(e, sympy.Add) else operator.mul
+            terms = [self._emit(a) for a in e.args]
+            out = terms[0]
+            for t in terms[1:]:
+                out = self.g.call_function(op, (out, t))
+            return out
+        if fn in binary and len(e.args) == 2:
+            return self.g.call_function(binary[fn], tuple(self._emit(a) for a in e.args))
+        if isinstance(e, sympy.Pow) and e.exp.is_Integer and e.exp > 0:
+            base = self._emit(e.base)
+            out = base
+            for _ in range(int(e.exp) - 1):
+                out = self.g.call_function(operator.mul, (out, base))
+            return out
+        raise _Fallback(f"size {e} is not integer arithmetic")
+
+    def _record_symbols(self, node: torch.fx.Node, val):
+        """Where each input size symbol can be read: a SymInt input, or ``sym_size`` of an input tensor."""
+        if isinstance(val, torch.SymInt):
+            e = sympy.sympify(val.node.expr)
+            if e.is_Symbol:
+                self.sym_src.setdefault(e, node)
+            return
+        for d, e in enumerate(dim_exprs(val) or ()):
+            if e.is_Symbol and e not in self.sym_src:
+                with self.g.inserting_after(node):
+                    ln = self.g.call_function(aten.sym_size.int, (node, d))
+                    ln.meta["val"] = val.shape[d]
+                self.sym_src[e] = ln
 
     def lengths(self, segs, before):
         return [self.length_node(s, before) for s in segs]
@@ -134,9 +196,10 @@ class _Rewriter:
                     ln.meta["val"] = val.shape[d]
                 self.seg_len[c] = ln
 
-    def shard_node(self, x: torch.fx.Node, dim: int, at: torch.fx.Node) -> torch.fx.Node:
+    def shard_node(self, x: torch.fx.Node, dim: int, at: torch.fx.Node, segs: tuple | None = None) -> torch.fx.Node:
+        """``x`` (replicated) sharded along ``dim`` as ``segs`` say (default: the segments its length is made of)."""
         val = node_val(x)
-        segs = self.segs_of(dim_exprs(val)[dim])
+        segs = self.segs_of(dim_exprs(val)[dim]) if segs is None else segs
         with self.g.inserting_before(at):
             lens = self.lengths(segs, at)
             op = OPS["shard"] if self.patch is None else OPS["patch_shard"]
@@ -171,6 +234,7 @@ class _Rewriter:
             if node.op == "placeholder":
                 self.layout[node] = None
                 self._record_lengths(node, node_val(node))
+                self._record_symbols(node, node_val(node))
                 continue
             if node.op == "output":
                 self._output(node)
@@ -182,6 +246,8 @@ class _Rewriter:
                 self._visit(node)
             except _Fallback as fb:
                 self._fallback(node, str(fb))
+            if node in self.matmul_sites and isinstance(self.layout.get(node), Sharded):
+                self.sites.refine(self.matmul_sites[node], note="token-wise on this rank's shard", seq=self.seq)
             val = node_val(node)
             if self.layout.get(node) is None and isinstance(val, torch.Tensor):
                 self._record_lengths(node, val)
@@ -261,6 +327,10 @@ class _Rewriter:
             self.layout[node] = None
             return
         # at least one sharded input
+        if node in self.written:  # an in-place write (or the view it writes through) must see whole values
+            raise _Fallback("an in-place write takes a sharded value")
+        if self.patch is None and self._contract(node, name, sharded):
+            return
         if name in ("cat", "concat") and self._cat_on_token(node, lays):
             return
         if name in ("slice", "narrow", "split_with_sizes", "split", "chunk") and self._split_on_token(node, lays):
@@ -281,8 +351,11 @@ class _Rewriter:
                     d = d if d >= 0 and not (isinstance(va.shape[d], int) and va.shape[d] == 1) else None
                 else:
                     d = self._class_dim(va, ref_cls)
-                if d is not None:
-                    node.replace_input_with(a, self.shard_node(a, d, node))
+                if d is not None and not (ops.dtype_only_operands(node.target) and a is not node.args[0]):
+                    # a length proven equal to the sharded operand's is cut as that one is (HiDream's RoPE table
+                    # is one text segment where the hidden states are two): the same chunks on every rank
+                    same = self.find(dim_exprs(va)[d]) == ref_cls
+                    node.replace_input_with(a, self.shard_node(a, d, node, ref.segs if same else None))
         for a in sharded[1:]:
             if self.layout[a].segs != ref.segs:
                 raise _Fallback("operands sharded with different segment layouts")
@@ -379,6 +452,56 @@ class _Rewriter:
             return seq.chunk_len(ln, self.n)
         up = self.g.call_function(operator.add, (ln, self.n - 1))
         return self.g.call_function(operator.floordiv, (up, self.n))
+
+    def _contract(self, node, name, sharded) -> bool:
+        """A sum or matmul over the sharded token dim (linear attention: ``sum(K)``, ``V K^T``): computed on this
+        rank's tokens, its pad tokens zeroed in one operand, then all-reduced over the sequence ranks. The
+        result is replicated (it has no token dim left)."""
+        if name == "sum":
+            x = node.args[0]
+            lay = self.layout.get(x)
+            dims = node.args[1] if len(node.args) > 1 else node.kwargs.get("dim")
+            if sharded != [x] or not isinstance(lay, Sharded):
+                return False
+            nd = node_val(x).dim()
+            if isinstance(dims, int) or dims:  # None or [] sums every dim
+                dims = [dims] if isinstance(dims, int) else list(dims)
+                if lay.dim not in [d % nd for d in dims]:
+                    return False
+            operand = x
+        elif name in ("matmul", "bmm", "mm"):
+            a, b = node.args[:2]
+            la, lb = self.layout.get(a), self.layout.get(b)
+            if not (isinstance(la, Sharded) and isinstance(lb, Sharded)) or node_val(b).dim() < 2:
+                return False
+            if la.dim != node_val(a).dim() - 1 or lb.dim != node_val(b).dim() - 2 or la.segs != lb.segs:
+                return False
+            operand = a
+        else:
+            return False
+        lay = self.layout[operand]
+        with self.g.inserting_before(node):
+            lens = self.lengths(lay.segs, node)
+            z = self.g.call_function(TOKEN_OPS["zero_pad"], (operand, lay.dim, lens, self.n, self.p))
+        z.meta["val"] = node_val(operand)
+        self.layout[z] = lay
+        node.replace_input_with(operand, z)
+        with self.g.inserting_after(node):
+            red = self.g.call_function(_c10d.all_reduce.default, (node, "sum", self.sp_group))
+        with self.g.inserting_after(red):
+            done = self.g.call_function(_c10d.wait_tensor.default, (red,))
+        red.meta["val"] = done.meta["val"] = node_val(node)
+        for k in ("nn_module_stack", "ditpass_block", "stack_trace"):
+            if k in node.meta:
+                red.meta[k] = done.meta[k] = node.meta[k]
+        node.replace_all_uses_with(done, delete_user_cb=lambda u: u is not red)
+        self.layout[node] = self.layout[red] = self.layout[done] = None
+        self.collectives.append(Collective(node.name, "all_reduce", "sp", f"sum over tokens:{node.name}",
+                                           nbytes(node_val(node))))
+        if node in self.matmul_sites:
+            self.sites.refine(self.matmul_sites[node], note="partial sums over this rank's tokens, all-reduced",
+                              seq=self.seq)
+        return True
 
     def _cat_on_token(self, node, lays) -> bool:
         tensors = node.args[0]
@@ -483,6 +606,12 @@ class _Rewriter:
         lq, lk, lv = (lays.get(x) for x in (q, k, v))
         kw = node.kwargs
         mask = kw.get("attn_mask")
+        nd = node_val(q).dim()
+        sharded = [x for x in (lq, lk, lv) if isinstance(x, Sharded)]
+        if sharded and all(x.dim < nd - 2 for x in sharded):
+            return self._attention_batched(node, site, sharded[0])
+        if nd > 4 and sharded and all(x.dim == nd - 2 for x in sharded):
+            return self._attention_flattened(node, lays)
         if not any(isinstance(x, Sharded) for x in (lq, lk, lv)):
             # replicated attention: shard the query side if it is a token sequence
             d = self._in_token_dim(q)
@@ -512,12 +641,23 @@ class _Rewriter:
         lq, lk, lv = (self.layout[x] for x in (q, k, v))
         if not (lq.dim == lk.dim == lv.dim == 2 and lq.segs == lk.segs == lv.segs):
             raise _Fallback("q/k/v sharded on different dims or segments")
-        if kw.get("is_causal") or kw.get("dropout_p", 0.0) not in (0, 0.0) or kw.get("enable_gqa"):
-            raise _Fallback("causal, dropout or GQA self-attention")
+        if kw.get("dropout_p", 0.0) not in (0, 0.0):
+            raise _Fallback("dropout in self-attention")
+        if (kw.get("is_causal") or kw.get("enable_gqa")) and (self.patch is not None or self.fastattn):
+            raise _Fallback("causal or GQA attention under PipeFusion or DiTFastAttn")
         kwargs = dict(kw)
+        if kwargs.pop("enable_gqa", False):  # grouped K/V heads: repeated to one per query head, as SDPA reads them
+            k, v = (self._repeat_heads(node, x, node_val(q).shape[1] // node_val(x).shape[1]) for x in (k, v))
+        if kwargs.pop("is_causal", False):  # causal in global order: a mask the sharded attention picks from
+            if mask is not None:
+                raise _Fallback("causal attention with a mask")
+            mask = kwargs["attn_mask"] = self._causal_mask(node, q, lq.segs)
         if mask is not None:
             mv = node_val(mask)
-            if mv.dim() < 2 or (mv.dim() == 4 and mv.shape[1] != 1):
+            # a mask per head (Lumina-Next expands its key mask over the heads): Ulysses picks this rank's heads
+            # of it (`seq.seq_attention`); PipeFusion's and DiTFastAttn's attention take one for all heads
+            per_head = mv.dim() == 4 and mv.shape[1] != 1
+            if mv.dim() < 2 or (per_head and (self.patch is not None or self.fastattn)):
                 raise _Fallback("attention mask per head")
             if isinstance(self.layout.get(mask), Sharded):
                 kwargs["attn_mask"] = self.gather_node(mask, node, f"mask:{node.name}")
@@ -557,6 +697,92 @@ class _Rewriter:
                                                int(4 * local * (st.u - 1) / st.u)))
         if st.r > 1:  # k and v go to the r-1 other ring ranks
             self.collectives.append(Collective(node.name, "all_gather(k,v)", "ring", node.name, 2 * local * (st.r - 1)))
+
+    def _attention_batched(self, node, site, lay: Sharded):
+        """The sharded dim is a batch dim of this attention (a video DiT's temporal attention over the frames of
+        each patch, the patches a batch dim of SDPA): each rank attends for its own tokens, no communication."""
+        q, k, v = node.args[:3]
+        mask = node.kwargs.get("attn_mask")
+        ref_cls = self.dim_class(q if isinstance(self.layout.get(q), Sharded) else k, lay.dim)
+        for x in (q, k, v) + ((mask,) if isinstance(mask, torch.fx.Node) else ()):
+            lx = self.layout.get(x)
+            if isinstance(lx, Sharded):
+                if (lx.dim, lx.segs) != (lay.dim, lay.segs):
+                    raise _Fallback("q/k/v sharded on different dims or segments")
+                continue
+            d = self._class_dim(node_val(x), ref_cls)
+            if x is mask and d is None:
+                continue  # a mask without the token dim broadcasts over it
+            if d != lay.dim:
+                raise _Fallback("q/k/v sharded on different dims or segments")
+            node.replace_input_with(x, self.shard_node(x, d, node))
+        self.layout[node] = Sharded(lay.dim, lay.segs)
+        self.sites.refine(site.site, note="token-wise: the sharded tokens are a batch dim here, no communication")
+
+    def _attention_flattened(self, node, lays):
+        """[B, T, H, S, D] attention (more batch dims than [B, H, S, D]): the batch dims flattened into one around
+        the sequence-parallel attention, which takes 4-D q/k/v."""
+        q = node.args[0]
+        nd = node_val(q).dim()
+        if isinstance(node.kwargs.get("attn_mask"), torch.fx.Node) and node_val(node.kwargs["attn_mask"]).dim() > 2:
+            raise _Fallback("attention mask with more than one batch dim")
+        lead = []  # the leading sizes back, read from q in the graph (a SymInt cannot be a constant); -1 last
+        for d in range(nd - 4):
+            size = node_val(q).shape[d]
+            if isinstance(size, torch.SymInt):
+                with self.g.inserting_before(node):
+                    size = self.g.call_function(aten.sym_size.int, (q, d))
+                size.meta["val"] = node_val(q).shape[d]
+            lead.append(size)
+        lead.append(-1)
+        flat_args = []
+        for x in node.args[:3]:
+            with self.g.inserting_before(node):
+                f = self.g.call_function(aten.flatten.using_ints, (x, 0, nd - 4))
+            f.meta["val"] = node_val(x).flatten(0, nd - 4)
+            lx = self.layout.get(x)
+            self.layout[f] = Sharded(2, lx.segs) if isinstance(lx, Sharded) else None
+            flat_args.append(f)
+        out_val = node_val(node)
+        node.args = (*flat_args, *node.args[3:])
+        node.meta["val"] = out_val.flatten(0, nd - 4)
+        with self.g.inserting_after(node):
+            back = self.g.call_function(aten.unflatten.int, (node, 0, lead))
+        back.meta["val"] = out_val
+        for key in ("nn_module_stack", "ditpass_block", "stack_trace"):
+            if key in node.meta:
+                back.meta[key] = node.meta[key]
+        node.replace_all_uses_with(back, delete_user_cb=lambda u: u is not back)
+        self._attention(node, {a: self.layout.get(a) for a in _tensor_args(node)})
+        lay = self.layout.get(node)
+        self.layout[back] = Sharded(nd - 2, lay.segs) if isinstance(lay, Sharded) else None
+
+    def _repeat_heads(self, node, x, g: int):
+        """``x`` ([B, H_kv, S, D], sharded) with each head repeated ``g`` times (GQA as plain attention)."""
+        if g == 1:
+            return x
+        with self.g.inserting_before(node):
+            r = self.g.call_function(aten.repeat_interleave.self_int, (x, g, 1))
+        r.meta["val"] = node_val(x).repeat_interleave(g, 1)
+        self.layout[r] = self.layout[x]
+        node.replace_input_with(x, r)
+        return r
+
+    def _causal_mask(self, node, q, segs):
+        """``is_causal`` as a [S, S] boolean mask of global positions (key <= query), replicated."""
+        with self.g.inserting_before(node):
+            total = _sum(self.g, self.lengths(segs, node))
+            idx = self.g.call_function(aten.arange.default, (total,), {"device": node_val(q).device})
+            rows = self.g.call_function(aten.unsqueeze.default, (idx, 1))
+            cols = self.g.call_function(aten.unsqueeze.default, (idx, 0))
+            m = self.g.call_function(aten.le.Tensor, (cols, rows))
+        S = node_val(q).shape[2]
+        i = node_val(q).new_empty((S,), dtype=torch.long)
+        idx.meta["val"], rows.meta["val"], cols.meta["val"] = i, i.unsqueeze(1), i.unsqueeze(0)
+        m.meta["val"] = i.unsqueeze(0) <= i.unsqueeze(1)
+        for x in (idx, rows, cols, m):
+            self.layout[x] = None
+        return m
 
     def io(self) -> dict[str, str]:
         """What happened to the module's inputs and outputs, for explain's layout table.

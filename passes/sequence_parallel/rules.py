@@ -22,7 +22,7 @@ from ditpass.analysis.symbolic import node_val
 __all__ = ["tokenwise", "op_dim", "mutates", "family"]
 
 # families whose operands may be sharded along any dim the op does not touch (a=None answers True)
-_GENERAL = {"view", "layout", "norm", "reduce", "matmul", "outer", "repeat_interleave"}
+_GENERAL = {"view", "layout", "norm", "reduce", "matmul", "outer", "repeat_interleave", "pad"}
 # layout ops that select or cut along their dim argument: token-wise when it is another dim
 _ALONG_DIM = {"select", "slice", "narrow", "chunk", "split", "split_with_sizes", "unbind", "index_select"}
 
@@ -58,6 +58,8 @@ def tokenwise(rw, node: torch.fx.Node, a) -> bool:
     if i is None:
         return False
     name, kind = i.name, i.kind
+    if kind == "tokenwise":  # an opaque module, verified token-wise along the dims it lists (ditpass.opaque)
+        return a is None or (a is node.args[0] and rw.in_dim(a) in node.args[3])
     if kind in ("linear", "embedding"):
         if a is None:
             return True
@@ -86,9 +88,17 @@ def tokenwise(rw, node: torch.fx.Node, a) -> bool:
     if kind == "repeat_interleave":
         dim = op_dim(node)
         return dim is not None and dim % nd != d
+    if kind == "pad":  # pads (left, right) per dim from the last one: token-wise where the token dim gets none
+        widths = list(node.args[1])
+        k = nd - 1 - d
+        return a is node.args[0] and all(w == 0 for w in widths[2 * k:2 * k + 2])
     if kind == "matmul":
-        return name in ("matmul", "bmm", "mm") and a is node.args[0] and d < nd - 1 and \
-            not rw.out_token_dims(node_val(node.args[1]))
+        if name not in ("matmul", "bmm", "mm"):
+            return False
+        if a is node.args[0]:  # the rows of a ([..., S, K] @ W)
+            return d < nd - 1 and not rw.out_token_dims(node_val(node.args[1]))
+        # the columns of b (Sana's scores @ q: [.., D, D] @ [.., D, S])
+        return a is node.args[1] and nd >= 2 and d == nd - 1 and not rw.out_token_dims(node_val(node.args[0]))
     if kind == "view":
         return rw.view_keeps(node, a, d)
     if kind != "layout":
