@@ -34,6 +34,13 @@ SP_EXACT = [
      "Kandinsky6Transformer3DModel"],
     ["StableAudioDiTModel", "LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel",
      "StableAudio3DiTModel", "MiniMaxH3Transformer3DModel"],
+    # exact and sharded since the capture (export-values, opaque token-wise modules) and analysis fixes
+    ["AuraFlowTransformer2DModel", "Lumina2Transformer2DModel", "LuminaNextDiT2DModel", "PRXTransformer2DModel",
+     "NucleusMoEImageTransformer2DModel", "OmniGenTransformer2DModel"],
+    ["SanaTransformer2DModel", "SanaVideoTransformer3DModel", "HeliosTransformer3DModel", "CosmosTransformer3DModel",
+     "AceStepTransformer1DModel"],
+    ["HiDreamImageTransformer2DModel", "HunyuanImageTransformer2DModel", "HunyuanVideo15Transformer3DModel",
+     "HunyuanVideoFramepackTransformer3DModel"],
 ]
 
 
