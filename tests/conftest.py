@@ -1,6 +1,10 @@
 import os
 import sys
 
+# Inductor compiles in this process, never in a worker pool: a pool started by one test (a compile in
+# the pytest process) is inherited half-dead by the ranks later tests fork, and they wait on it forever.
+os.environ.setdefault("TORCHINDUCTOR_COMPILE_THREADS", "1")
+
 import pytest
 import torch
 

@@ -209,7 +209,8 @@ def test_sequence_parallel_that_shards_nothing_says_so():
     seen, text = dry("DiTTransformer2DModel")
     assert len(seen) == 1
     msg = str(seen[0].message)
-    assert msg.startswith("2 of 2 attention sites run whole on every rank") and "transformer_blocks.0.attn1" in msg
+    assert msg.startswith("2 of 2 attention sites (100% of the attention FLOPs) run whole on every rank")
+    assert "transformer_blocks.0.attn1" in msg
     assert msg in text  # explain's sequence_parallel notes say it too
     seen, text = dry("FluxTransformer2DModel")
     assert not seen and "run whole on every rank" not in text
