@@ -408,20 +408,27 @@ def main(argv=None):
     ap.add_argument("--new", action="store_true", help="only the classes beyond the first twelve (MORE_NAMES)")
     ap.add_argument("--timeout", type=float, default=300, help="seconds per class (default 300)")
     ap.add_argument("--inductor", action="store_true", help="also compile='inductor' on one process (slow)")
+    ap.add_argument("--jobs", type=int, default=1, help="classes swept at once, each in its own processes (default 1)")
     ap.add_argument("--out", type=Path, default=OUT)
     args = ap.parse_args(argv)
     names = args.models or (zoo.MORE_NAMES if args.new else zoo.ALL_NAMES)
-    rows = []
     t0 = time.time()
-    for name in names:
+
+    def one(name):
         row = run_isolated(name, args.inductor, args.timeout)
-        rows.append(row)
         print(f"{name}: {row.get('status')} ({row.get('seconds', 0):.0f}s) {row.get('error', '')}", flush=True)
+        return row
+
+    from concurrent.futures import ThreadPoolExecutor
+
+    with ThreadPoolExecutor(max(1, args.jobs)) as pool:  # threads that each wait on one forked class
+        rows = list(pool.map(one, names))
     import diffusers
 
     header = (f"torch {torch.__version__}, diffusers {diffusers.__version__}; {len(names)} classes in "
               f"{(time.time() - t0) / 60:.1f} min, per-class limit {args.timeout:.0f} s; "
-              f"`python benchmarks/sweep_zoo.py{' --inductor' if args.inductor else ''}`. Not in the zoo: "
+              f"`python benchmarks/sweep_zoo.py{' --inductor' if args.inductor else ''}`"
+              f"{f' ({args.jobs} at once)' if args.jobs > 1 else ''}. Not in the zoo: "
               f"{len(zoo.PENDING)} pending classes (`zoo.PENDING`, why each), {len(zoo.EXCLUDED)} excluded as not "
               f"denoisers (`zoo.EXCLUDED`).")
     args.out.parent.mkdir(parents=True, exist_ok=True)
