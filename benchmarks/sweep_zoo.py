@@ -322,6 +322,38 @@ REMAINING = {
     "block masks in global positions under sharding",
     "AnyFlowFARTransformer3DModel": "flex_attention as well, with a `create_block_mask` mask function over frame "
     "indices that fails to trace with symbolic sizes and with real values. Needs the same flex_attention support",
+    "WanAnimate2Transformer3DModel": "its denoising call takes the reference K/V cache (`WanAnimate2KVCache`, filled "
+    "by the builder's own 'extract' pass); the zoo registers it as a pytree of its layers' key/value tensors so that "
+    "export takes it as an input, but `auto_dynamic_shapes` (ditpass/capture.py) gives `None` for a registered custom "
+    "node and torch.export wants a per-leaf list there (`ValueError: Node type mismatch; expected <class 'list'>, but "
+    "got <class 'NoneType'>`, export-dynamic and export-values), so only dynamo captures it, in pieces. Fix 1: recurse "
+    "into `pytree.SUPPORTED_NODES[type(v)].flatten_fn(v)[0]` there. Tried with fix 1 patched in a scratch script: "
+    "export-values then fails in `create_mask` (transformer_wan_animate_2.py:738 `q_frame = q_idx // hw`, `vmap: ... "
+    ".item()`): the int inputs `origin_len` / `origin_area` are Dim.AUTO, so the block-mask cache key is symbolic, "
+    "misses the eagerly filled `model.block_masks`, and `create_block_mask(_compile=True)` gets traced. Fix 2: keep "
+    "ints static that only key a Python-side cache. With both: captured whole (export-values), but `rope_apply`'s (:49) "
+    "`grid_sizes.tolist()` (grid from `torch.tensor(u.shape[2:])`) fixes every token count to the example, and the "
+    "generation self-attention is `flex_attention` with a BlockMask (no site, as Kandinsky6SR): only the 4 "
+    "text / CLIP cross-attention SDPAs are sites, `no token sequence found`. Needs flex_attention sites with block "
+    "masks in global positions and token dims without symbolic sizes (as QwenImage21)",
+    "Cosmos3OmniTransformer": "returns per-item lists (`preds_vision`: a list of [1, C, T, H, W]); `first_output` "
+    "(tests/dist_utils.py, used by `equivalence` / `_rank_worker`) hands the list on and `y.float()` fails "
+    "(`AttributeError: 'list' object has no attribute 'float'`). Fix: unwrap nested lists like the test's "
+    "`_first_tensor`. With that patched in a scratch script: exact (ulysses 0.0, ring 7e-7) and exact+sharded, but only "
+    "the 2 causal text ('understanding') sites are sharded (8% of the FLOPs); the 2 generation sites (vision queries "
+    "against `cat([k_und, k_gen], dim=0)`, transformer_cosmos3.py:106) run replicated: `gather before cat_10 "
+    "(aten.cat.default) in layers.0.self_attn: cat mixes or reshapes the token dim`. The joint sequence is packed "
+    "without a batch dim and the vision tokens are index_put into a `sequence_length` buffer; the analysis finds only "
+    "the 'text' token class. Needs the [und | gen] K/V concat of the generation pathway recognised as a joint sequence",
+    "SanaWMTransformer3DModel": "ulysses=2 is exact (5.5e-5), ring=2 is 9.5e-4 off: the softmax blocks "
+    "(`_SoftmaxUCPESinglePathLiteLA`, every `softmax_every_n`-th block; block 1 of the tiny config, as every 4th of "
+    "the released one) cast fp32 q/k/v to bfloat16 before `F.scaled_dot_product_attention` "
+    "(transformer_sana_wm.py:2104 `SanaWMSoftmaxAttention`, :2178 `SanaWMSoftmaxCamAttention`), so ring's per-chunk "
+    "results are merged at bf16 precision (the 1-process fp32 model is itself 7e-4 from fp64). Checked: with "
+    "`softmax_every_n=0` (GDN blocks only) both plans are exact (8e-7, 20/22 sites sharded). Not a sharding error: "
+    "needs ring's partial outputs / LSE merged in fp32 for bf16 sites (bf16 rounding of the result remains) or a bf16 "
+    "tolerance for this class. The 2 cross-attention sites run replicated (`reshape` / `einsum` mix the token dim, 2% "
+    "of the FLOPs)",
     "PriorTransformer": "a CLIP-prior denoiser over a fixed 20-token sequence (16 text + 4 slots, a causal mask "
     "buffer of that size) whose output is one token: there is no sequence that grows with the image to shard, "
     "and sharding 20 tokens would not pay",

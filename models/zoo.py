@@ -308,6 +308,13 @@ STATIC_REASONS: dict[str, dict[str, str]] = {
         "H": "see F",
         "W": "see F",
     },
+    "SanaWMTransformer3DModel": {
+        "F": "the GDN scan splits the frame axis into chunks with Python ints (torch_chunk_sana_gdn: "
+             "`list(range(0, T, chunk_size))`), so export specializes the latent frame count",
+        "H": "the camera branch builds its ray grid with torch.linspace(0, height - 1, height) (create_grid, from "
+             "_process_camera_conditions_ucpe), which specializes the token grid",
+        "W": "see H",
+    },
 }
 
 
@@ -388,7 +395,11 @@ def build(name: str, size: str = "tiny", *, device="cpu", dtype=torch.float32, s
         # Re-initialise every parameter from a seeded generator (fan-in scaled), so outputs are
         # well scaled and independent of each class's init code (some start at zeros or ones).
         _reinit_(model, seed)
-    return _cast(model.to(device=dev), dtype).eval()
+    model = _cast(model.to(device=dev), dtype).eval()
+    warm = _INFO.get(name, {}).get("warm")  # fills a model-side cache the first forward would build slowly
+    if warm is not None:
+        warm(model, name, size)
+    return model
 
 
 def _cast(model: torch.nn.Module, dtype: torch.dtype) -> torch.nn.Module:
@@ -1764,6 +1775,252 @@ _more("SanaWMLTX2RefinerTransformer3DModel",
       tiny=(128, 128, 17, 16))
 
 
+# ---- batch 6: the last denoisers (in-context K/V cache, unified LLM, world model, protein) ----
+
+def _kv_cache_pytree():
+    """Make `WanAnimate2KVCache` a pytree of its layers' (key, value) tensors, so that ``torch.export`` takes the
+    filled cache as a graph input (it rejects objects it cannot flatten) and rebuilds it for the forward, like
+    transformers registers its ``DynamicCache``. Idempotent."""
+    import torch.utils._pytree as pytree
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    if WanAnimate2KVCache in pytree.SUPPORTED_NODES:
+        return
+
+    def flatten(c):
+        return [t for lc in c.layer_caches for t in (lc.key, lc.value)], len(c.layer_caches)
+
+    def unflatten(leaves, n):
+        c = WanAnimate2KVCache(n)
+        for i, lc in enumerate(c.layer_caches):
+            lc.key, lc.value = leaves[2 * i], leaves[2 * i + 1]
+        return c
+
+    def flatten_with_keys(c):
+        leaves, n = flatten(c)
+        return [(pytree.SequenceKey(i), t) for i, t in enumerate(leaves)], n
+
+    pytree.register_pytree_node(WanAnimate2KVCache, flatten, unflatten, flatten_with_keys_fn=flatten_with_keys,
+                                serialized_type_name="diffusers.WanAnimate2KVCache")
+
+
+def _wan_animate2(cfg, geo, gen, B):
+    """The denoising call of WanAnimate2's segment loop (`WanAnimate2SegmentDenoiseInner`, first segment):
+    ``kv_cache_mode="cached"`` over [reference-image slot | segment frames], attending to the K/V cache that the
+    reference-extraction pass (`WanAnimate2RefExtractStep`, ``"extract"`` over the driving-video segment) filled.
+    The builder runs that extract pass itself, on a throwaway model of the same config and seed 0 (what ``build``
+    gives), so the cache holds real reference K/V; on the meta device the cache holds empty tensors."""
+    import diffusers
+    from diffusers.models.transformers.transformer_wan_animate_2 import WanAnimate2KVCache
+
+    _kv_cache_pytree()
+    F, H, W, T = geo["lat_f"], geo["H"], geo["W"], geo["text_len"]
+    h, w, C = geo["lat_h"], geo["lat_w"], cfg["out_dim"]
+    if cfg["in_dim"] != 2 * C + 4:
+        raise ValueError("WanAnimate2Transformer3DModel: in_dim must be 2 * out_dim + 4 (noise, i2v mask, latents)")
+    if geo["height"] * geo["width"] // 256 != H * W:
+        raise ValueError("WanAnimate2Transformer3DModel: the model derives the token grid as height * width / 256 "
+                         "(VAE 8, patch 2)")
+    heads, L = cfg["num_heads"], cfg["num_layers"]
+
+    def prompt():  # get_t5_prompt_embeds: trimmed to the prompt's length, zero-padded to max_sequence_length
+        e = gen.randn(T, cfg["text_dim"])
+        if not gen.meta:
+            e[T - T // 4:] = 0
+        return e
+
+    def ones(*shape):
+        return gen.full(shape, 1.0)
+
+    grid_ref = gen.const(torch.tensor([[F, H, W]] * B, dtype=torch.long))
+    clip = gen.randn(B, 5, 1280)  # CLIP ViT-H hidden_states[-2] of the reference image (257 tokens at 224 px)
+    cache = WanAnimate2KVCache(L)
+    if gen.meta:
+        for i in range(L):
+            cache.get(i).store(gen.randn(B, F * H * W, heads, cfg["dim"] // heads),
+                               gen.randn(B, F * H * W, heads, cfg["dim"] // heads))
+    else:
+        # the extract pass: driving-video latents, conditioned on [i2v mask (all frames kept) | the same latents]
+        driving = [gen.randn(C, F, h, w) for _ in range(B)]
+        with torch.random.fork_rng():
+            torch.manual_seed(0)
+            ref_model = diffusers.WanAnimate2Transformer3DModel(**cfg)
+            _reinit_(ref_model, 0)
+        ref_model = _cast(ref_model.to(device=gen.device), gen.dtype).eval()
+        with torch.no_grad():
+            ref_model(driving, timestep=gen.rand(B, scale=1000.0), encoder_hidden_states=[prompt() for _ in range(B)],
+                      encoder_hidden_states_image=gen.randn(B, 5, 1280),
+                      condition_latents=[torch.cat([ones(4, F, h, w), d]) for d in driving], kv_cache=cache,
+                      kv_cache_mode="extract", seq_len=F * H * W, offset_grid_sizes=grid_ref)
+    # the generation side: noise over 1 + F latent frames; condition = [reference image: mask 1 | its latents]
+    # then [previous segment's tail: mask 0 on the first segment | VAE latents of zero frames]
+    cond = []
+    for _ in range(B):
+        mask = torch.cat([ones(4, 1, h, w), gen.full((4, F, h, w), 0.0)], 1)
+        cond.append(torch.cat([mask, gen.randn(C, 1 + F, h, w)]))
+    return dict(hidden_states=[gen.randn(C, 1 + F, h, w) for _ in range(B)], timestep=gen.rand(B, scale=1000.0),
+                encoder_hidden_states=[prompt() for _ in range(B)], condition_latents=cond, kv_cache=cache,
+                kv_cache_mode="cached", seq_len=(1 + F) * H * W, encoder_hidden_states_image=clip,
+                reference_grid_sizes=grid_ref, origin_len=geo["frames"], origin_area=[geo["height"], geo["width"]],
+                is_uncondtion=False, return_dict=False)
+
+
+def _wan_animate2_warm(model, name, size):
+    """Build the in-context BlockMask of the default geometry into ``model.block_masks`` with
+    ``create_block_mask(_compile=False)``: the model's ``create_mask`` compiles it (``_compile=True``), which takes
+    8-17 s on 2 CPU cores before the first forward; the eager mask is the same (``to_dense()`` equal) and takes
+    ~10 ms. Other geometries are left to the model."""
+    from diffusers.models.transformers import transformer_wan_animate_2 as wa2
+
+    if size != "tiny":
+        return
+    geo = _geometry(name, size, None, None, None, None)
+    key = (geo["frames"] // 4 + 1, geo["height"] * geo["width"] // 256)  # forward's (origin_len, origin_area) key
+    compiled = wa2.create_block_mask
+    wa2.create_block_mask = lambda *a, **k: compiled(*a, **dict(k, _compile=False))
+    try:
+        model.block_masks[key] = model.create_mask(*key, model.patch_embedding.weight.device)
+    finally:
+        wa2.create_block_mask = compiled
+
+
+_more("WanAnimate2Transformer3DModel",
+      dict(patch_size=(1, 2, 2), text_len=16, in_dim=12, dim=64, ffn_dim=128, freq_dim=32, text_dim=32, out_dim=4,
+           num_heads=4, num_layers=2, cross_attn_norm=True, use_img_emb=True),
+      _wan_animate2, None, pipeline="WanAnimate2ModularPipeline", spatial=8, temporal=4, patch=(1, 2),
+      tiny=(64, 64, 9, 16), warm=_wan_animate2_warm)
+
+
+def _cosmos3(cfg, geo, gen, B):
+    """Cosmos3OmniPipeline's text-to-video denoising call (the conditional pass): one packed sequence without a batch
+    dim, [prompt tokens (causal "understanding" prefix) | vision tokens (generation)], 3-axis mRoPE positions built
+    with the pipeline's own helpers (float positions: fps modulation on), every latent frame noisy."""
+    from diffusers.pipelines.cosmos.pipeline_cosmos3_omni import (get_3d_mrope_ids_text_tokens,
+                                                                   get_3d_mrope_ids_vae_tokens)
+
+    if B != 1:
+        raise ValueError("Cosmos3OmniTransformer: Cosmos3OmniPipeline runs one sample at a time (the joint sequence "
+                         "is packed without a batch dim); use batch=1")
+    F, H, W, T = geo["lat_f"], geo["H"], geo["W"], geo["text_len"]
+    N = F * H * W
+    text_pos, offset = get_3d_mrope_ids_text_tokens(T, 0, use_float_positions=cfg["enable_fps_modulation"])
+    vis_pos, _ = get_3d_mrope_ids_vae_tokens(
+        F, H, W, offset + cfg["unified_3d_mrope_temporal_modality_margin"],
+        reset_spatial_indices=cfg["unified_3d_mrope_reset_spatial_ids"],
+        fps=24.0 if cfg["enable_fps_modulation"] else None, base_fps=float(cfg["base_fps"]),
+        temporal_compression_factor=_INFO["Cosmos3OmniTransformer"]["temporal"])
+    pos = torch.cat([text_pos.to(vis_pos.dtype), vis_pos], 1)
+    if pos.is_floating_point():
+        pos = pos.to(gen.dtype)
+    return dict(input_ids=gen.randint(cfg["vocab_size"], T), text_indexes=gen.const(torch.arange(T)),
+                position_ids=gen.const(pos), und_len=T, sequence_length=T + N,
+                vision_tokens=[gen.randn(1, cfg["latent_channel"], F, geo["lat_h"], geo["lat_w"])],
+                vision_token_shapes=[(F, H, W)], vision_sequence_indexes=gen.const(torch.arange(T, T + N)),
+                vision_mse_loss_indexes=gen.const(torch.arange(T, T + N)),
+                vision_timesteps=gen.full((N,), 937.5),  # torch.full((noisy tokens,), t)
+                vision_noisy_frame_indexes=[gen.const(torch.arange(F))], return_dict=False)
+
+
+_more("Cosmos3OmniTransformer",
+      dict(head_dim=16, hidden_size=64, intermediate_size=128, latent_channel=4, latent_patch_size=2,
+           num_attention_heads=4, num_hidden_layers=2, num_key_value_heads=2, patch_latent_dim=16, vocab_size=1000,
+           rope_axes_dim=(4, 2, 2)),
+      _cosmos3, None, pipeline="Cosmos3OmniPipeline", spatial=16, temporal=4, patch=(1, 2), text_kwarg="input_ids",
+      image_kwarg="vision_tokens", tiny=(128, 128, 9, 16))
+
+
+def _sana_wm(cfg, geo, gen, B):
+    """SanaWMPipeline's denoising call: LTX-2 latents whose first frame is the clean image anchor (timestep 0), a
+    camera trajectory from the pipeline's WASD action DSL (forward, then right while yawing) turned into the
+    per-latent-frame raymap [F, 20] and the chunked Plücker rays [48, F, h, w] by its own `prepare_camera`, Gemma
+    embeddings [B, 1, L, D] with their padding mask, and ``data_info`` = the image size."""
+    import numpy as np
+    from diffusers.pipelines.sana_wm.cam_utils import action_string_to_c2w, prepare_camera
+
+    F, T, h, w = geo["lat_f"], geo["text_len"], geo["lat_h"], geo["lat_w"]
+    frames, height, width = geo["frames"], geo["height"], geo["width"]
+    n1 = (frames - 1) // 2
+    steps = ",".join(s for s in (f"w-{n1}" if n1 else "", f"dl-{frames - 1 - n1}" if frames - 1 - n1 else "") if s)
+    c2w = action_string_to_c2w(steps)[:frames] if steps else np.eye(4, dtype=np.float32)[None]
+    fx = 0.5 * width / math.tan(math.radians(30))  # a 60 degree horizontal field of view
+    intr = np.array([[fx, fx, width / 2, height / 2]] * frames, dtype=np.float32)
+    cam = prepare_camera(c2w, intr, target_size=(height, width),
+                         vae_stride=(_INFO["SanaWMTransformer3DModel"]["temporal"],) + (_INFO["SanaWMTransformer3DModel"]
+                                                                                        ["spatial"],) * 2)
+    x = gen.randn(B, cfg["in_channels"], F, h, w)
+    t = torch.full((B, 1, F), 937.0)
+    t[:, :, 0] = 0.0  # torch.min(t, (1 - condition_mask) * 1000): the anchor frame stays clean
+    return dict(hidden_states=x, timestep=gen.const(t.to(gen.dtype)),
+                encoder_hidden_states=gen.randn(B, 1, T, cfg["caption_channels"]), return_dict=False,
+                data_info={"img_hw": gen.const(torch.tensor([[height, width]], dtype=torch.float32))},
+                mask=gen.mask(B, T, torch.long),
+                camera_conditions=gen.const(cam["raymap"].expand(B, -1, -1).to(gen.dtype)),
+                chunk_plucker=gen.const(cam["chunk_plucker"].expand(B, -1, -1, -1, -1).to(gen.dtype)))
+
+
+_more("SanaWMTransformer3DModel",
+      dict(in_channels=8, num_layers=2, hidden_size=64, num_attention_heads=4, softmax_every_n=2, linear_head_dim=16,
+           chunk_plucker_post_attn_blocks=2, caption_channels=32, mlp_ratio=2.0),
+      _sana_wm, lambda d: dict(encoder_hidden_states={2: d.T}, mask={1: d.T}),  # F, H, W: STATIC_REASONS
+      pipeline="SanaWMPipeline", spatial=32, temporal=8, patch=(1, 1), tiny=(192, 256, 17, 16))
+
+
+def _rfd4_proteina(cfg, geo, gen, B):
+    """One RFD4ProteinaPipeline denoising step for an unconditional design of one protein chain: the tokens are its
+    residues ("height" is the residue count). The pipeline's state (zero-centred backbone CA noise in nm, local
+    latents, the two modality times, one trunk recycle pass more than the last steps of the released schedule) plus
+    the prepared tensors the model reads: masks, token types (0: protein), backbone atom37 slots, the required
+    atom-level interaction annotations (all unset: nothing conditioned), the sequence condition (0: designed),
+    molecule / entity ids and the token bond-path lengths |i - j| along the chain."""
+    from diffusers.models.transformers.transformer_rfd4_proteina import CONDITION_KEYS
+
+    N = geo["H"]
+    real = torch.ones(B, N, dtype=torch.bool)
+    atoms = torch.zeros(B, N, 37, dtype=torch.bool)
+    atoms[..., :5] = True  # N, CA, C, CB, O
+    bb = gen.randn(B, N, 3)
+    if not gen.meta:
+        bb = bb - bb.mean(1, keepdim=True)  # RFD4ProteinaPipeline._sample_noise(zero_com=True)
+    idx = torch.arange(N)
+    zeros_atom = torch.zeros(B, N, 37, dtype=torch.long)
+    conditioning = {CONDITION_KEYS[k]: gen.const(zeros_atom.clone())
+                    for k in ("hbond", "pistack", "pication", "saltbridge", "hydrophobic", "metal_coord")}
+    conditioning.update({
+        CONDITION_KEYS["sequence"]: gen.const(torch.zeros(B, N, dtype=torch.long)),
+        CONDITION_KEYS["index_group"]: gen.const(torch.zeros(B, N, dtype=torch.long)),
+        "molecule_iid": gen.const(torch.zeros(B, N, dtype=torch.long)),
+        "molecule_entity_id": gen.const(torch.zeros(B, N, dtype=torch.long)),
+        "token_bond_path_length": gen.const((idx[:, None] - idx[None, :]).abs().expand(B, N, N).clone()),
+        # added by the pipeline before the denoising loop
+        "is_in_context_conditioning": gen.const(torch.zeros(B, N, dtype=torch.bool)),
+        "supports_local_latent": gen.const(real.clone()),
+    })
+    return dict(bb_ca=bb, local_latents=gen.randn(B, N, cfg["latent_dim"]), bb_ca_time=gen.full((B,), 0.5),
+                local_latents_time=gen.full((B,), 0.5), padding_mask=gen.const(real),
+                token_type=gen.const(torch.zeros(B, N, dtype=torch.long)), atom37_mask=gen.const(atoms),
+                conditioning=conditioning, recycle_depth=2, return_dict=False)
+
+
+def _dyn_rfd4(d):
+    from diffusers.models.transformers.transformer_rfd4_proteina import CONDITION_KEYS
+
+    tok, atom = {1: d.H}, {1: d.H}
+    cond = {CONDITION_KEYS[k]: atom for k in ("hbond", "pistack", "pication", "saltbridge", "hydrophobic",
+                                              "metal_coord")}
+    cond.update({CONDITION_KEYS["sequence"]: tok, CONDITION_KEYS["index_group"]: tok, "molecule_iid": tok,
+                 "molecule_entity_id": tok, "token_bond_path_length": {1: d.H, 2: d.H},
+                 "is_in_context_conditioning": tok, "supports_local_latent": tok})
+    return dict(bb_ca=tok, local_latents=tok, padding_mask=tok, token_type=tok, atom37_mask=atom, conditioning=cond)
+
+
+_more("RFD4ProteinaTransformer",
+      dict(nlayers=2, token_dim=32, nheads=4, dim_cond=16, pair_repr_dim=16, latent_dim=8, token_type_emb_dim=8,
+           cath_emb_dim=4, t_emb_dim=16, seq_sep_dim=16, xt_pair_dist_dim=8, update_pair_repr_every_n=2,
+           tri_mult_c=16),
+      _rfd4_proteina, _dyn_rfd4, pipeline="RFD4ProteinaPipeline", spatial=1, temporal=None, patch=(1, 1),
+      text_kwarg=None, image_kwarg="bb_ca", tiny=(20, 1, None, None))
+
+
 # ---- registry ------------------------------------------------------------------------------
 
 def _register_more():
@@ -1800,13 +2057,4 @@ EXCLUDED: dict[str, str] = {
 
 # Denoisers not yet in the zoo: what failed when building or running the tiny forward.
 PENDING: dict[str, str] = {
-    "WanAnimate2Transformer3DModel": "forward takes lists of per-sample tensors and a required kv_cache, "
-        "kv_cache_mode and seq_len: a first 'extract' pass over the reference tokens fills a K/V cache, then the "
-        "'cached' pass attends through a flex-attention BlockMask (flex backend only, compiled); not reproduced",
-    "Cosmos3OmniTransformer": "unified autoregressive + diffusion LLM: input_ids, text/vision index tensors and "
-        "per-modality token lists (variable layout); not a fixed-shape denoiser call",
-    "SanaWMTransformer3DModel": "world model: camera conditions, Plücker rays, chunked causal linear attention "
-        "(data_info / chunk_size); inputs not reproduced",
-    "RFD4ProteinaTransformer": "not tried: protein-structure flow model (backbone coordinates, ~30 per-residue "
-        "and pair feature inputs), no image / video tokens",
 }

@@ -41,6 +41,7 @@ SP_EXACT = [
      "AceStepTransformer1DModel"],
     ["HiDreamImageTransformer2DModel", "HunyuanImageTransformer2DModel", "HunyuanVideo15Transformer3DModel",
      "HunyuanVideoFramepackTransformer3DModel"],
+    ["RFD4ProteinaTransformer"],  # residues as tokens, pair-biased attention
 ]
 
 
