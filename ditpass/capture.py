@@ -43,10 +43,17 @@ for every model alike:
   sizes, they never match a later call).
 - numpy ufuncs on symbolic sizes (``np.sqrt(norm.numel() / emb.numel())``, Cosmos) call the
   size's method of that name: ``sqrt``, ``floor`` and ``ceil`` exist while capturing.
+- ``int(size)`` on a symbolic size keeps it symbolic (Kandinsky6SR's RoPE reads its grid as
+  ``int(pos.shape[0])``, which would fix every token count to the example's): in the modules
+  that define the model's submodule classes, the name ``int`` is a stand-in for the builtin
+  that returns a ``SymInt`` unchanged and is the builtin otherwise (``isinstance(x, int)``
+  holds as before), only while capturing (`_symbolic_int`).
 - Module attributes that the traced forward sets to fake tensors (a lazily built cache) are put
   back afterwards, so the eager module keeps working.
 
-All of these hold only in the thread that captures, and only while it does.
+All of these hold only in the thread that captures, and only while it does. One more holds always: the
+predispatch ops that enter and leave a vmap level, which export writes around what ``torch.vmap`` traced
+(flex_attention's block masks), are kept by dead-code elimination (`_keep_vmap_levels`).
 
 torch.export's expected notes (``Dim.AUTO`` specialised a size-1 dim, ...) are kept out of the
 terminal unless ``DITPASS_VERBOSE=1``; the Dynamo fallback compiles with a backend of its own and
@@ -61,12 +68,14 @@ was (`Weights`): a replaced layer or parameter, ``load_state_dict(assign=True)``
 """
 from __future__ import annotations
 
+import builtins
 import contextlib
 import enum
 import logging
 import math
 import os
 import re
+import sys
 import threading
 import time
 import weakref
@@ -367,6 +376,49 @@ def _traceable_data():
                 _remove_shims()
 
 
+class _IntType(type):
+    def __instancecheck__(cls, x):
+        return isinstance(x, builtins.int)
+
+    def __subclasscheck__(cls, c):
+        return issubclass(c, builtins.int)
+
+
+class _Int(metaclass=_IntType):
+    """``int`` in a model's source modules while capturing: ``int(size)`` of a symbolic size stays symbolic."""
+
+    def __new__(cls, x=0, *args, **kwargs):
+        if isinstance(x, torch.SymInt) and not args and not kwargs and _capturing():
+            return x
+        return builtins.int(x, *args, **kwargs)
+
+
+_INT_USERS: dict[str, int] = {}  # module name -> captures under way that put _Int there
+_INT_LOCK = threading.Lock()
+
+
+@contextlib.contextmanager
+def _symbolic_int(module: torch.nn.Module):
+    """`_Int` as ``int`` in the modules defining ``module``'s submodule classes (those without an ``int`` of
+    their own; the torch and ditpass ones left alone), for the duration of a capture."""
+    names = {type(m).__module__ for m in module.modules()}
+    mods = [sys.modules[n] for n in names if n in sys.modules and not n.startswith(("torch.", "ditpass."))]
+    with _INT_LOCK:
+        mine = [m for m in mods if m.__dict__.get("int", _Int) is _Int]
+        for m in mine:
+            _INT_USERS[m.__name__] = _INT_USERS.get(m.__name__, 0) + 1
+            m.__dict__["int"] = _Int
+    try:
+        yield
+    finally:
+        with _INT_LOCK:
+            for m in mine:
+                _INT_USERS[m.__name__] -= 1
+                if not _INT_USERS[m.__name__]:
+                    del _INT_USERS[m.__name__]
+                    m.__dict__.pop("int", None)
+
+
 @dataclass
 class Specialization:
     """A value the capture read from the example's tensors and fixed in the graph (``export-values``)."""
@@ -536,7 +588,8 @@ def _export(module, args, kwargs, dynamic_shapes):
     args, kwargs = pytree.tree_map_only(torch.Tensor, lambda t: t.detach(), (tuple(args), dict(kwargs)))
     printed = io.StringIO()  # torch prints the partial graph on data-dependent errors: keep it out of stdout
     try:
-        with _traceable_data(), _keep_module_state(module), contextlib.redirect_stdout(printed):
+        with _traceable_data(), _symbolic_int(module), _keep_module_state(module), \
+                contextlib.redirect_stdout(printed):
             ep = torch.export.export(module, tuple(args), dict(kwargs), dynamic_shapes=dynamic_shapes, strict=False)
     finally:
         if printed.getvalue():
@@ -641,6 +694,26 @@ def _dynamo_capture(module, args, kwargs):
         raise RuntimeError("Dynamo produced no graph")
     return graphs, compiled
 
+
+def _keep_vmap_levels() -> None:
+    """Export traces ``torch.vmap`` (flex_attention's BlockMask: ``create_block_mask`` evaluates the mask_mod under
+    vmap, ``BlockMask.from_kv_blocks`` transposes the block tables under vmap) as predispatch ops that enter and
+    leave a vmap level around the batched ops. Their results are unused, so FX's dead-code elimination (every
+    pass that rewrites the graph runs it) would drop them and leave the batched ops between them without their
+    level ("Either your tensor may have escaped from inside a function being vmapped ..."). They are marked
+    side-effectful, which they are (they change functorch's nesting level), once for every graph."""
+    try:
+        from torch._functorch import predispatch
+        from torch.fx import node as fx_node
+    except ImportError:  # a torch without them: nothing to keep
+        return
+    for name in ("_vmap_increment_nesting", "_vmap_decrement_nesting"):
+        fn = getattr(predispatch, name, None)
+        if fn is not None:
+            fx_node._side_effectful_functions.add(fn)
+
+
+_keep_vmap_levels()
 
 _STRATEGIES = ("export-dynamic", "export-values", "export-static", "dynamo")
 

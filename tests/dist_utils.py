@@ -219,8 +219,12 @@ def run_distributed(fn, world_size: int, *args, timeout: float = 120, start_meth
 
 
 def first_output(out):
-    """The first output of a model call: ``out[0]`` of a tuple (``return_dict=False``), else ``.sample``."""
-    return out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+    """The first output of a model call: ``out[0]`` of a tuple (``return_dict=False``), else ``.sample``; a list
+    of per-sample tensors there (Z-Image, Cosmos3Omni) gives its first sample."""
+    out = out[0] if isinstance(out, (tuple, list)) else getattr(out, "sample", out)
+    while isinstance(out, (tuple, list)):
+        out = out[0]
+    return out
 
 
 def run_forked(fn, world_size: int, model, inputs: dict, *args, timeout: float = 120):

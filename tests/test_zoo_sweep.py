@@ -30,8 +30,7 @@ SP_EXACT = [
     ["SkyReelsV2Transformer3DModel", "ChronoEditTransformer3DModel", "WanVACETransformer3DModel",
      "AnyFlowTransformer3DModel", "WanAnimateTransformer3DModel", "SanaWMLTX2RefinerTransformer3DModel"],
     ["AllegroTransformer3DModel", "EasyAnimateTransformer3DModel", "ConsisIDTransformer3DModel",
-     "MotifVideoTransformer3DModel", "LTX2VideoTransformer3DModel", "Kandinsky5Transformer3DModel",
-     "Kandinsky6Transformer3DModel"],
+     "MotifVideoTransformer3DModel", "LTX2VideoTransformer3DModel", "Kandinsky5Transformer3DModel"],
     ["StableAudioDiTModel", "LongCatAudioDiTTransformer", "MiniMaxMusic3Transformer1DModel",
      "StableAudio3DiTModel", "MiniMaxH3Transformer3DModel"],
     # exact and sharded since the capture (export-values, opaque token-wise modules) and analysis fixes
@@ -41,7 +40,7 @@ SP_EXACT = [
      "AceStepTransformer1DModel"],
     ["HiDreamImageTransformer2DModel", "HunyuanImageTransformer2DModel", "HunyuanVideo15Transformer3DModel",
      "HunyuanVideoFramepackTransformer3DModel"],
-    ["RFD4ProteinaTransformer"],  # residues as tokens, pair-biased attention
+    ["RFD4ProteinaTransformer", "Kandinsky6SRTransformer3DModel"],  # residues as tokens (pair-biased attention); flex_attention
 ]
 
 

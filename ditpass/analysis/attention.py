@@ -16,6 +16,11 @@ Kinds (``AttentionSite.kind``):
   query that is the first segment of its own keys (``[mean(x), x]``).
 - ``matmul``: tokens mixed by a plain matmul / einsum (linear attention), not by SDPA.
 
+``torch.nn.attention.flex_attention`` (in an exported graph ``torch.ops.higher_order.flex_attention(q, k, v,
+score_mod, block_mask, scale, kernel_options, score_bufs, mask_bufs)``, score_mod and mask_mod subgraphs of the
+GraphModule) is classified as SDPA is, by its q / k / v; ``flex`` (`flex_info`) says what its subgraphs read
+(the head, query and key indices they see are global: a sequence-parallel pass must keep them so), its block
+sizes and which of its outputs (attention, log-sum-exp, max score) are used.
 Attention written out (``softmax(q @ k.transpose(-2, -1) * scale) @ v``) is classified as SDPA is, by its
 q / k / v: the site sits on the ``@ v`` matmul, with ``written`` naming q, k, v and the scale (a
 sequence-parallel pass turns it into one attention op).
@@ -30,6 +35,7 @@ be told apart from other constants symbolically (capture with symbolic sizes to 
 """
 from __future__ import annotations
 
+import operator
 from dataclasses import dataclass, field
 
 import sympy
@@ -40,13 +46,70 @@ from . import ops
 from .blocks import block_path, module_path
 from .symbolic import ExprClasses, dim_exprs, node_val
 
-__all__ = ["AttentionSite", "find_attention", "is_sdpa", "written_attention"]
+__all__ = ["AttentionSite", "find_attention", "is_sdpa", "is_flex", "flex_info", "written_attention"]
 
 aten = torch.ops.aten
 
 
 def is_sdpa(node: torch.fx.Node) -> bool:
     return node.op == "call_function" and node.target in ops.SDPA
+
+
+try:
+    from torch._higher_order_ops.flex_attention import flex_attention as _FLEX_HOP
+except ImportError:  # a torch without flex_attention
+    _FLEX_HOP = None
+
+
+def is_flex(node: torch.fx.Node) -> bool:
+    """A ``torch.ops.higher_order.flex_attention`` call (``torch.nn.attention.flex_attention``, exported)."""
+    return _FLEX_HOP is not None and node.op == "call_function" and node.target is _FLEX_HOP
+
+
+_SCORE_ARGS = ("score", "b", "h", "q_idx", "kv_idx")
+_MASK_ARGS = ("b", "h", "q_idx", "kv_idx")
+
+
+def _subgraph(node: torch.fx.Node, ref):
+    if isinstance(ref, torch.fx.Node) and ref.op == "get_attr" and node.graph.owning_module is not None:
+        try:
+            return node.graph.owning_module.get_submodule(ref.target)
+        except AttributeError:
+            return None
+    return None
+
+
+def _reads(sub, names) -> frozenset | None:
+    """The index arguments a score_mod / mask_mod subgraph uses (None: not a GraphModule, so unknown)."""
+    if not isinstance(sub, torch.fx.GraphModule):
+        return None
+    phs = [n for n in sub.graph.nodes if n.op == "placeholder"]
+    return frozenset(name for name, p in zip(names, phs) if p.users)
+
+
+def flex_info(node: torch.fx.Node) -> dict | None:
+    """What a flex_attention call's pieces are, for the analysis and the sequence-parallel pass: ``score`` /
+    ``mask`` (the subgraphs, GraphModules), ``reads`` (``{"score": {...}, "mask": {...}}`` of ``b``, ``h``,
+    ``q_idx``, ``kv_idx``; None for a mod that is not a subgraph), ``block`` (the BlockMask tuple, as in the
+    graph), ``block_size`` (Q, KV), ``outputs`` (indices of the used outputs: 0 attention, 1 log-sum-exp, 2 max
+    score; None when something other than ``getitem`` reads the result). None when not a flex_attention call."""
+    if not is_flex(node):
+        return None
+    args = list(node.args) + [()] * (9 - len(node.args))
+    block = tuple(args[4]) if isinstance(args[4], (list, tuple)) else ()
+    score, mask = _subgraph(node, args[3]), _subgraph(node, block[-1] if block else None)
+    outputs: set | None = set()
+    for user in node.users:
+        if user.op == "call_function" and user.target is operator.getitem and isinstance(user.args[1], int):
+            if user.users:
+                outputs.add(user.args[1])
+        else:
+            outputs = None
+            break
+    return dict(score=score, mask=mask, block=block,
+                reads={"score": _reads(score, _SCORE_ARGS), "mask": _reads(mask, _MASK_ARGS)},
+                block_size=tuple(block[-3:-1]) if len(block) >= 3 else None,
+                outputs=None if outputs is None else sorted(outputs))
 
 
 @dataclass
@@ -79,11 +142,14 @@ class AttentionSite:
     folded: sympy.Expr | None = None  # batch-dim expr of the query when it carries visual tokens (temporal)
     # attention written out as ``softmax(q @ k^T * scale) @ v``: (q, k, v node names, scale), on the last matmul
     written: tuple | None = None
+    # a flex_attention call: {"reads": {"score": ..., "mask": ...}, "block_size": (Q, KV), "outputs": [...]}
+    flex: dict | None = None
 
     def describe(self) -> str:
         seg = " + ".join(str(s) for s in self.segments)
         kv = " + ".join(str(s) for s in self.kv_segments)
-        return f"{self.kind:6s} q={seg} kv={kv} heads={self.heads} head_dim={self.head_dim}"
+        return f"{self.kind:6s} q={seg} kv={kv} heads={self.heads} head_dim={self.head_dim}" + \
+            (" flex_attention" if self.flex else "")
 
 
 def _role(e: sympy.Expr, classes: ExprClasses, visual_syms: set) -> str:
@@ -256,7 +322,7 @@ def written_attention(node: torch.fx.Node):
 def _qkv_nodes(graph: torch.fx.Graph):
     """(node, q, k, v) of every SDPA call and every attention written out."""
     for node in graph.nodes:
-        if is_sdpa(node):
+        if is_sdpa(node) or is_flex(node):
             yield node, *node.args[:3]
         else:
             w = written_attention(node)
@@ -315,24 +381,26 @@ def find_attention(graph: torch.fx.Graph, classes: ExprClasses, visual: set | No
     written = {n: w for n, w in written.items() if w is not None}
     scores = {x for w in written.values() for x in w[4]}
     for node in graph.nodes:
-        if is_sdpa(node) or node in written:
+        if is_sdpa(node) or node in written or is_flex(node):
             w = written.get(node)
+            fx = flex_info(node)
             qkv = w[:3] if w else node.args[:3]
             q, k, v = (node_val(a) for a in qkv)
             qs, ks, vs = dim_exprs(q), dim_exprs(k), dim_exprs(v)
             folded = _folded(qs, classes, visual)
             axial = folded is not None and classes.find(qs[-2]) not in main
             kind, qseg, kseg = _classify(qs[-2], ks[-2], classes, visual, axial)
-            mask = None if w else node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
-            causal = False if w else node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
+            mask = None if w or fx else node.args[3] if len(node.args) > 3 else node.kwargs.get("attn_mask")
+            causal = False if w or fx else node.args[5] if len(node.args) > 5 else node.kwargs.get("is_causal", False)
             mval = node_val(mask) if isinstance(mask, torch.fx.Node) else None
             site = AttentionSite(
                 node.name, kind, module_path(node), block_path(node),
                 int(q.shape[-3]) if q.dim() >= 4 and not isinstance(q.shape[-3], torch.SymInt) else None,
                 int(q.shape[-1]), tuple(qs), tuple(ks), tuple(vs), qs[-2], ks[-2], qseg, kseg,
-                mask is not None, bool(causal),
+                mask is not None or bool(fx and _flex_masked(fx)), bool(causal),
                 tuple(dim_exprs(mval)) if isinstance(mval, torch.Tensor) else None, folded,
-                (w[0].name, w[1].name, w[2].name, w[3]) if w else None)
+                (w[0].name, w[1].name, w[2].name, w[3]) if w else None,
+                {k_: fx[k_] for k_ in ("reads", "block_size", "outputs")} if fx else None)
         elif node in scores:
             continue  # the q @ k^T of attention written out: part of the site at its ``@ v``
         elif node.op == "call_function" and node.target in ops.MATMUL:
@@ -344,6 +412,15 @@ def find_attention(graph: torch.fx.Graph, classes: ExprClasses, visual: set | No
         node.meta["ditpass_attention"] = site
         sites.append(site)
     return sites
+
+
+def _flex_masked(fx: dict) -> bool:
+    """A flex_attention call with a mask: a BlockMask of real blocks, or a mask_mod that reads an index."""
+    large = 1 << 30  # the no-op BlockMask's block size
+    reads = fx["reads"]["mask"]
+    return fx["block_size"] != (large, large) or reads is None or bool(reads & {"h", "q_idx", "kv_idx"})
+
+
 def _einsum_dims(eq: str, shapes: list) -> tuple[list, list] | None:
     """(contracted exprs, [(expr from operand i, expr from operand j)] for output letters from two
     different operands) of an einsum; None if the equation cannot be read."""

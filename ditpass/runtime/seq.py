@@ -12,17 +12,21 @@ by slicing (no mask, so fused kernels stay usable). Results are exact, not appro
 
 These are the bodies of the ``ditpass::`` custom ops (`ditpass.runtime.ops`): plain torch and
 functional collectives, run eagerly inside the op. Group arguments are c10d group names (strings).
+``ditpass::flex_attention`` (a flex_attention site) is registered here, with its body `flex_seq_attention`.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+from typing import Optional, Sequence
 
 import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from . import fa3
+from . import fa3, sites
 
-__all__ = ["all_gather", "sdpa_backend", "chunk_len", "local_len", "shard", "zero_pad", "gather", "ulysses_send", "seq_attention", "attend", "sdpa_lse", "merge_lse"]
+__all__ = ["all_gather", "sdpa_backend", "chunk_len", "local_len", "shard", "zero_pad", "gather", "ulysses_send", "seq_attention", "attend", "sdpa_lse", "merge_lse",
+           "flex_seq_attention"]
 
 
 _c10d = torch.ops._c10d_functional  # the functional collectives' ops: plain tensors in, plain tensors out
@@ -364,3 +368,225 @@ def seq_attention(q, k, v, scale, lengths: list, s, mask=None, sent=None, local=
         # heads) are views, not another copy
         out = t.permute(1, 2, 0, 3, 4).reshape(B, S, u * h, D)[:, :, :H].transpose(1, 2)
     return out
+
+
+# ---- flex_attention ---------------------------------------------------------------------------
+#
+# A captured ``torch.ops.higher_order.flex_attention`` call is a site too (`ditpass::flex_attention`). Its
+# score_mod / mask_mod read *global* indices (head ``h``, ``q_idx``, ``kv_idx``) and its BlockMask is over the
+# whole sequences, so the sharded op computes in global terms:
+#
+# - K/V: always whole and in global order here (Ulysses' all-to-all, the ring's all-gather), so ``kv_idx`` and
+#   the block mask's key blocks are as captured.
+# - Ulysses: this rank's heads of every token. The queries are put in global order too, so the block mask is
+#   used as captured but for its head dim (this rank's heads, where it has one per head), and ``h`` is mapped to
+#   the global head (pad heads, where ``u`` does not divide the heads, to the last one; their output is dropped).
+# - Ring (and cross attention against whole K/V): this rank's queries against the whole K/V. ``q_idx`` is mapped
+#   to each query's global position, and the block mask's rows are cut for the local queries (`_query_layout`).
+#
+# ``flex_attention`` eager (what the captured graph runs, and what this does) evaluates mask_mod on every score
+# and does not read the block tables; they are cut exactly all the same (a compiled kernel reads them).
+
+_LARGE_BLOCK = 1 << 30  # the block size of the no-op BlockMask flex_attention makes when given none
+
+
+def _flex_call(q, k, v, score_mod, block_mask: tuple, scale, kernel_options, score_bufs, mask_bufs):
+    """One flex_attention (the higher-order op, as the captured graph calls it); its output only."""
+    from torch._higher_order_ops.flex_attention import flex_attention as hop
+
+    return hop(q, k, v, score_mod, tuple(block_mask), scale, kernel_options, tuple(score_bufs), tuple(mask_bufs))[0]
+
+
+def _flex_mods(f, hmap, qmap):
+    """The site's score_mod and mask_mod reading global indices: ``h`` through ``hmap`` (local head -> global),
+    ``q_idx`` through ``qmap`` (local query row -> global position); unwrapped where they do not read them."""
+
+    def wrap(fn, reads, score: bool):
+        h_on, q_on = hmap is not None and "h" in reads, qmap is not None and "q_idx" in reads
+        if not (h_on or q_on):
+            return fn
+        if score:
+            def mod(s, b, h, i, j, *bufs):
+                return fn(s, b, hmap[h] if h_on else h, qmap[i] if q_on else i, j, *bufs)
+        else:
+            def mod(b, h, i, j, *bufs):
+                return fn(b, hmap[h] if h_on else h, qmap[i] if q_on else i, j, *bufs)
+        return mod
+
+    return wrap(f.score_mod, f.reads["score"], True), wrap(f.mask_mod, f.reads["mask"], False)
+
+
+def _global_slots(lengths: list, n: int, ranks: list, device) -> torch.Tensor:
+    """Slots, in the layout [chunks of ranks[0] | ranks[1] | ...] (``ranks``: all ``n`` ranks), of the global
+    positions 0, 1, ... in order: the real tokens, segment by segment, rank by rank."""
+    cs = [chunk_len(L, n) for L in lengths]
+    width = sum(cs)
+    where = {p: i for i, p in enumerate(ranks)}
+    pieces, coff = [], 0
+    for L, c in zip(lengths, cs):
+        for p in range(n):
+            keep = _valid(L, n, p)
+            if keep > 0:
+                pieces.append(torch.arange(keep, device=device) + (where[p] * width + coff))
+        coff += c
+    return torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long, device=device)
+
+
+def _query_layout(lengths: list, n: int, ranks: list, qb: int, device):
+    """The local query rows of ``ranks`` (layout [chunks of ranks[0] | ...]) laid out so that the block mask's rows
+    can be cut for them exactly: each chunk with real tokens is a run of consecutive global positions (its pad
+    rows repeat the segment's last one), and every run starts at a multiple of a block size ``qb2`` that divides
+    ``qb`` and every run's global start (filler rows, copies of the previous run's last, in between), so each block
+    of ``qb2`` local rows lies in one block of ``qb`` global rows and takes that block's row of the tables. Of the
+    sizes that qualify, the largest whose filler is at most 1/8 of the rows.
+
+    Returns ``(src, pos, dst, qb2, rows)``: local row -> layout row, local row -> global position, layout row ->
+    local row, the local block size, local block -> global query block."""
+    offs, off = [], 0
+    for L in lengths:
+        offs.append(off)
+        off += L
+    runs, start = [], 0
+    for p in ranks:
+        for L, o in zip(lengths, offs):
+            c = chunk_len(L, n)
+            if c > 0:
+                runs.append((start, c, o + p * c if _valid(L, n, p) > 0 else None, o + L - 1))
+            start += c
+    g = qb
+    for _, _, g0, _ in runs:
+        if g0 is not None:
+            g = math.gcd(g, g0)
+
+    def filler(d):
+        return sum((-c) % d for _, c, _, _ in runs[:-1])
+
+    divisors = sorted({x for i in range(1, math.isqrt(g) + 1) if g % i == 0 for x in (i, g // i)}, reverse=True)
+    qb2 = next(d for d in divisors if 8 * filler(d) <= start)
+    src, pos, dst, cur = [], [], [], 0
+    for i_run, (st, c, g0, last) in enumerate(runs):
+        i = torch.arange(c, device=device)
+        src.append(i + st)
+        pos.append((i + g0).clamp(max=last) if g0 is not None else torch.full((c,), last, device=device))
+        dst.append(i + cur)
+        cur += c
+        fill = (-c) % qb2 if i_run < len(runs) - 1 else 0
+        if fill:
+            end = last if g0 is None else min(g0 + c - 1, last)
+            src.append(torch.full((fill,), st + c - 1, device=device))
+            pos.append(torch.full((fill,), end, device=device))
+            cur += fill
+    src, pos, dst = torch.cat(src), torch.cat(pos), torch.cat(dst)
+    return src, pos, dst, qb2, pos[::qb2] // qb
+
+
+def _block_heads(blocks: list, hmap) -> list:
+    """The block tables ([B, H or 1, ...]) for this rank's heads; the dQ write-order tables (backward only) dropped."""
+    out = []
+    for i, t in enumerate(blocks):
+        if t is None or i >= 8:
+            out.append(None)
+        else:
+            out.append(t.index_select(1, hmap.clamp(max=t.shape[1] - 1)) if t.shape[1] != 1 else t)
+    return out
+
+
+def _block_rows(blocks: list, rows, qb2: int, kb: int, q_len: int, kv_len, mask_mod) -> tuple:
+    """The BlockMask tuple of the local query rows: block row ``j`` is the captured row ``rows[j]`` (the transposed
+    tables recomputed from them)."""
+    from torch.nn.attention.flex_attention import BlockMask
+
+    sel = [None if t is None else t.index_select(2, rows) for t in blocks[:4]]
+    return BlockMask.from_kv_blocks(*sel, BLOCK_SIZE=(qb2, kb), mask_mod=mask_mod,
+                                    seq_lengths=(q_len, kv_len)).as_tuple()
+
+
+def _gather_ring(t: torch.Tensor, r: int, group: str) -> torch.Tensor:
+    """[B, h, S', D] of each of the ``r`` ring ranks, concatenated on the token dim in ring order."""
+    g = all_gather(t, r, group).view(r, *t.shape)
+    return g.permute(1, 2, 0, 3, 4).reshape(t.shape[0], t.shape[1], r * t.shape[2], t.shape[3])
+
+
+def flex_seq_attention(q, k, v, blocks: list, score_bufs: tuple, mask_bufs: tuple, seq_lengths: list, lengths: list,
+                       s, f):
+    """A flex_attention site (``f``: `ditpass.runtime.sites.FlexSite`) on a sequence sharded on dim 2 of ``q``
+    ([B, H, S, D]) as strategy ``s`` says (see the section comment above); ``s`` None: the call as captured.
+    ``blocks``: the BlockMask's tables, ``seq_lengths`` its (Q_LEN, KV_LEN), ``lengths`` the global segment
+    lengths of the sharded sequence. K/V are sharded as q (``f.kv_sharded``) or whole."""
+    if s is None:
+        tup = (*seq_lengths, *blocks, f.spt, *f.block_size, f.mask_mod)
+        return _flex_call(q, k, v, f.score_mod, tup, f.scale, f.kernel_options, score_bufs, mask_bufs)
+    u, r, n = s.u, s.r, s.n
+    B, H, S, D = q.shape
+    hmap = None
+    if f.kv_sharded:
+        if u > 1 and k.shape[1] != H:  # grouped K/V heads, split with q's: one per query head, as flex pairs them
+            k, v = (t.repeat_interleave(H // t.shape[1], 1) for t in (k, v))
+        if u > 1:  # this rank's heads of every token ([B, h, u*S, D], the u ranks' chunks in order)
+            qkv = _c10d.wait_tensor(ulysses_send(q, k, v, u, s.ulysses_group))
+            h = qkv.shape[4]
+            qkv = qkv.transpose(0, 1).reshape(B, u * S, 3, h, D)
+            q, k, v = (t.transpose(1, 2) for t in qkv.unbind(2))
+            hmap = (torch.arange(h, device=q.device) + s.ulysses_rank * h).clamp(max=H - 1)
+        ranks = [s.ring_rank * u + i for i in range(u)]
+        if r > 1:
+            if k.shape == v.shape:
+                kv = _gather_ring(torch.cat([k, v], 0), r, s.ring_group)  # [2B, h, n*S, D]
+                k, v = kv[:B], kv[B:]
+            else:
+                k, v = _gather_ring(k, r, s.ring_group), _gather_ring(v, r, s.ring_group)
+        order = _global_slots(lengths, n, list(range(n)), q.device)
+        k, v = k.index_select(2, order), v.index_select(2, order)  # every key, in global order
+    else:
+        ranks = [s.ring_rank * u + s.ulysses_rank]
+    tables = list(blocks) if hmap is None else _block_heads(list(blocks), hmap)
+    noop = tuple(f.block_size) == (_LARGE_BLOCK, _LARGE_BLOCK)  # no block mask was given: nothing to cut
+    if len(ranks) == n:  # every query (Ulysses): in global order, the block mask's rows as captured
+        score_fn, mask_fn = _flex_mods(f, hmap, None)
+        qg = q.index_select(2, _global_slots(lengths, n, ranks, q.device))
+        tup = (*seq_lengths, *tables, f.spt, *f.block_size, mask_fn)
+        out = _flex_call(qg, k, v, score_fn, tup, f.scale, f.kernel_options, score_bufs, mask_bufs)
+        out = out.index_select(2, _positions(lengths, n, ranks, False, q.device))
+    elif noop:  # this rank's queries; any rows of the one block
+        qpos = _positions(lengths, n, ranks, False, q.device)
+        score_fn, mask_fn = _flex_mods(f, hmap, qpos)
+        tup = (*seq_lengths, *tables, f.spt, *f.block_size, mask_fn)
+        out = _flex_call(q, k, v, score_fn, tup, f.scale, f.kernel_options, score_bufs, mask_bufs)
+    else:  # this rank's queries, the block mask's rows cut for them
+        src, qpos, dst, qb2, rows = _query_layout(lengths, n, ranks, int(f.block_size[0]), q.device)
+        score_fn, mask_fn = _flex_mods(f, hmap, qpos)
+        tup = _block_rows(tables, rows, qb2, int(f.block_size[1]), int(src.numel()), seq_lengths[1], mask_fn)
+        out = _flex_call(q.index_select(2, src), k, v, score_fn, tup, f.scale, f.kernel_options, score_bufs,
+                         mask_bufs)
+        out = out.index_select(2, dst)
+    if f.kv_sharded and u > 1:  # back to this rank's tokens of every head
+        h, Dv = out.shape[1], out.shape[3]
+        t = out.transpose(1, 2).reshape(B, u, S, h, Dv).transpose(0, 1)
+        t = _a2a(t, s.ulysses_group)
+        out = t.permute(1, 2, 0, 3, 4).reshape(B, S, u * h, Dv)[:, :, :H].transpose(1, 2)
+    return out
+
+
+@torch.library.custom_op("ditpass::flex_attention", mutates_args=())
+def flex_attention_op(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, site: torch.Tensor,
+                      blocks: Sequence[Optional[torch.Tensor]], score_bufs: Sequence[torch.Tensor],
+                      mask_bufs: Sequence[torch.Tensor], seq_lengths: Sequence[int],
+                      lengths: Optional[Sequence[int]] = None) -> torch.Tensor:
+    """``torch.ops.ditpass.flex_attention``: a ``torch.ops.higher_order.flex_attention`` site, sequence-parallel as
+    the site's entry says (`flex_seq_attention`; ``site``: the id tensor, as for ``ditpass::attention``).
+    ``blocks``: the BlockMask's tensors in ``BlockMask.as_tuple`` order, ``seq_lengths`` its (Q_LEN, KV_LEN);
+    ``score_bufs`` / ``mask_bufs``: the tensors the score_mod and mask_mod read (whole); the mods, scale, kernel
+    options and block sizes are in the entry (``flex``); ``lengths``: the global segment lengths of the sharded
+    sequence. Returns [B, H, S, Dv] (this rank's S), contiguous; the fake gives that local shape."""
+    s = sites.lookup(int(site))
+    out = flex_seq_attention(q, k, v, list(blocks), tuple(score_bufs), tuple(mask_bufs), list(seq_lengths),
+                             list(lengths or ()), s.seq, s.flex)
+    return out.contiguous()
+
+
+@flex_attention_op.register_fake
+def _(q, k, v, site, blocks, score_bufs, mask_bufs, seq_lengths, lengths=None):
+    return q.new_empty((*q.shape[:-1], v.shape[-1]))
+
+
+FLEX_OP = torch.ops.ditpass.flex_attention.default  # the op's target, for passes that match nodes

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, Any
 if TYPE_CHECKING:
     from .fastattn import FastAttnSite
 
-__all__ = ["SeqAttention", "SiteStrategy", "SiteTable", "lookup"]
+__all__ = ["SeqAttention", "FlexSite", "SiteStrategy", "SiteTable", "lookup"]
 
 
 @dataclass(frozen=True)
@@ -45,6 +45,28 @@ class SeqAttention:
 
 
 @dataclass(frozen=True)
+class FlexSite:
+    """What a ``ditpass::flex_attention`` op needs besides its tensors: the pieces of the captured
+    ``torch.ops.higher_order.flex_attention`` call that are not tensors (`ditpass.runtime.seq.flex_seq_attention`).
+
+    ``score_mod(score, b, h, q_idx, kv_idx, *score_bufs)`` and ``mask_mod(b, h, q_idx, kv_idx, *mask_bufs)`` are
+    the captured subgraphs; they read *global* indices, so the op maps this rank's local head and query indices
+    to global ones before calling them, where ``reads`` says they read them. ``block_size``: the BlockMask's
+    (Q, KV) block sizes; ``spt``: its ``dq_kv_order_spt`` flag; ``heads``: the query's global head count;
+    ``kv_sharded``: K/V are the same sharded sequence as q (self / joint attention), else whole on every rank."""
+
+    score_mod: Any
+    mask_mod: Any
+    scale: float
+    kernel_options: dict
+    block_size: tuple
+    spt: Any
+    heads: int
+    kv_sharded: bool
+    reads: dict  # {"score": frozenset of "b" / "h" / "q_idx" / "kv_idx", "mask": ...}
+
+
+@dataclass(frozen=True)
 class SiteStrategy:
     """One attention site and how it runs. ``seq`` None: local attention (plain SDPA)."""
 
@@ -56,6 +78,7 @@ class SiteStrategy:
     patch: Any = None  # PipeFusion: a `ditpass.runtime.patches.PatchAttention` (patch index, K/V buffers)
     notes: tuple[str, ...] = ()  # why it runs as it does, one phrase per pass that decided
     fast: FastAttnSite | None = None  # DiTFastAttn's method per step (`ditpass.runtime.fastattn`); None: off
+    flex: FlexSite | None = None  # a flex_attention site (`ditpass::flex_attention`): its mods, scale, block sizes
 
     def describe(self) -> str:
         """``joint: ulysses`` / ``cross: local (K/V replicated, no communication)``."""

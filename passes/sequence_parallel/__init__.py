@@ -55,8 +55,15 @@ class SequenceParallel(GraphPass):
 
     def requires(self, gm, ctx):
         if not ctx.analysis.token_classes:
+            const = ctx.analysis.const_segments
+            why = ""
+            if const:  # sites there are, but their lengths are numbers: nothing tells the image from the rest
+                lens = ", ".join(dict.fromkeys(str(s.q_len) for s in const))
+                why = (f"; {len(const)} of its {len(ctx.analysis.sites)} attention sites have lengths the capture "
+                       f"fixed to constants ({lens}): export specialised the sizes (the model reads them as Python "
+                       f"numbers, or the capture is static)")
             raise ValueError("no token sequence found: the analysis saw no self or joint attention over "
-                             "symbolic lengths (capture with dynamic shapes)")
+                             f"symbolic lengths (capture with dynamic shapes){why}")
 
     def call(self, gm: torch.fx.GraphModule, ctx: PassContext) -> PassResult:
         folded = _fold_written_attention(gm, ctx)
@@ -120,9 +127,10 @@ def _replicated_sites(gm, rw, ctx) -> list:
     """The attention sites whose output is not sharded: every sequence rank computes them whole."""
     by_node = {}
     for node in gm.graph.nodes:
-        if node.target is torch.ops.ditpass.attention.default:
+        if node.target in (torch.ops.ditpass.attention.default, torch.ops.ditpass.flex_attention.default):
             by_node[int(getattr(gm, node.args[3].target))] = isinstance(rw.layout.get(node), Sharded)
-    # a token-mixing matmul site (linear attention) that the rewriter did not shard has no strategy
+    # a token-mixing matmul site (linear attention), or a flex_attention call left as captured, that the rewriter
+    # did not shard has no strategy
     return [s for s in ctx.sites if not by_node.get(s.site, True) or (s.site not in by_node and s.seq is None)]
 
 
@@ -139,7 +147,7 @@ def _site_flops(gm) -> dict[int, int | None]:
     sizes, by site id; None where a size has no hint (a length that depends on data)."""
     out = {}
     for node in gm.graph.nodes:
-        if node.target is not torch.ops.ditpass.attention.default:
+        if node.target not in (torch.ops.ditpass.attention.default, torch.ops.ditpass.flex_attention.default):
             continue
         q, k = (a.meta.get("val") for a in node.args[:2])
         try:

@@ -18,12 +18,13 @@ import torch
 import torch.fx
 
 from ditpass.analysis import flat, ops
+from ditpass.analysis.attention import flex_info, is_flex
 from ditpass.analysis.blocks import module_path
 from ditpass.analysis.symbolic import dim_exprs, node_val
 from ditpass.pass_base import Collective, PassContext, nbytes
 from ditpass.runtime import seq
 from ditpass.runtime.ops import OPS
-from ditpass.runtime.sites import SeqAttention
+from ditpass.runtime.sites import FlexSite, SeqAttention
 from ditpass.runtime.tokens import OPS as TOKEN_OPS
 
 from . import rules
@@ -65,6 +66,8 @@ class _Rewriter:
         self.patch, self.patch_index = patch, patch_index
         self.patch_blocks = patch_blocks  # patch mode: the blocks that run patch by patch
         self.written = _written_in_place(gm.graph)  # tensors an in-place op writes through a view: kept as they are
+        self.vmap_region = _vmap_regions(gm.graph)  # node inside traced torch.vmap -> the region's first node
+        self.vmap_rewired: set = set()  # the regions (their first node) where a node's input was gathered
         self.patch_outputs: list[tuple[int, int, int]] = []  # (output index, token dim, number of lengths)
         if patch is not None:
             self.n, self.p = patch.chunks, patch_index  # chunks: patches x sequence ranks in each
@@ -85,11 +88,16 @@ class _Rewriter:
         self.shards: list[torch.fx.Node] = []
         # token-mixing matmuls (linear attention) are sites too: in the table, local until sharded here
         self.matmul_sites: dict[torch.fx.Node, int] = {}
+        # flex_attention calls too: in the table from the start (replicated until `_flex` shards one), so that a
+        # flex site left whole is reported as such
+        self.flex_sites: dict[torch.fx.Node, int] = {}
         if patch is None:
             for node in self.g.nodes:
                 site = node.meta.get("ditpass_attention")
                 if node.op == "call_function" and site is not None and site.kind == "matmul":
                     self.matmul_sites[node] = self.sites.add(node.name, "matmul", site.module).site
+                elif site is not None and is_flex(node):
+                    self.flex_sites[node] = self.sites.add(node.name, site.kind, site.module).site
 
     # ---- symbolic helpers -------------------------------------------------------------
     def find(self, e):
@@ -231,6 +239,8 @@ class _Rewriter:
     def run(self):
         nodes = list(self.g.nodes)
         for node in nodes:
+            if node._erased:  # replaced on the way (a flex_attention call's getitems)
+                continue
             if node.op == "placeholder":
                 self.layout[node] = None
                 self._record_lengths(node, node_val(node))
@@ -241,6 +251,9 @@ class _Rewriter:
                 continue
             if node.op != "call_function":
                 self.layout[node] = None
+                continue
+            if node in self.vmap_region:
+                self._in_vmap(node)
                 continue
             try:
                 self._visit(node)
@@ -253,6 +266,7 @@ class _Rewriter:
                 self._record_lengths(node, val)
         # shard every input with a token dim where it enters (after the length nodes)
         self.g.eliminate_dead_code()
+        self._forget_vmap_values()
 
     def _output(self, node):
         if self.patch is not None:  # patches stay patches; their global lengths go out too
@@ -292,6 +306,23 @@ class _Rewriter:
         self.layout[node] = None
         self.notes.append(f"gather before `{node.name}` ({node.target}) in `{module_path(node) or '<root>'}`: {why}")
 
+    def _in_vmap(self, node):
+        """A node of a traced ``torch.vmap`` (`_vmap_regions`): runs as captured, on whole values; a sharded input
+        is gathered before the region starts (a collective on a batched value inside it would not be one)."""
+        for a in _tensor_args(node):
+            if isinstance(self.layout.get(a), Sharded):
+                node.replace_input_with(a, self.gather_node(a, self.vmap_region[node], f"vmap:{node.name}"))
+                self.vmap_rewired.add(self.vmap_region[node])
+        self.layout[node] = None
+
+    def _forget_vmap_values(self):
+        """The regions with a rewired node lose their nodes' ``meta["val"]``: propagation (`ditpass.pass_base`)
+        runs again the nodes without one, so it runs the whole region in order, entering its vmap levels; a
+        rewired node run alone would meet batched values outside their level."""
+        for node, start in self.vmap_region.items():
+            if start in self.vmap_rewired:
+                node.meta.pop("val", None)
+
     def _visit(self, node: torch.fx.Node):
         info = rules.family(node)
         name = info.name if info else None
@@ -313,6 +344,8 @@ class _Rewriter:
         out_tok = self.out_token_dims(val)
         if node.target is OPS["attention"]:
             return self._attention(node, lays)
+        if node in self.flex_sites:
+            return self._flex(node, lays)
         if not sharded:
             # all replicated: shard the result right away when every input token dim can be sliced
             # and the op is token-wise; otherwise stay replicated (cheap ops, creation ops)
@@ -698,6 +731,141 @@ class _Rewriter:
         if st.r > 1:  # k and v go to the r-1 other ring ranks
             self.collectives.append(Collective(node.name, "all_gather(k,v)", "ring", node.name, 2 * local * (st.r - 1)))
 
+    # ---- flex_attention ---------------------------------------------------------------
+    _FLEX_BLOCK_LEN = 17  # BlockMask.as_tuple(): (Q_LEN, KV_LEN), 11 tables, dq_kv_order_spt, (Q, KV) block size, mask_mod
+
+    def _flex_refusal(self, node, fx) -> str | None:
+        """Why a flex_attention call cannot run sequence-parallel as `ditpass.runtime.seq.flex_seq_attention`
+        computes it (None: it can)."""
+        if fx["outputs"] is None:
+            return "flex_attention's result is read other than by getitem"
+        if any(i != 0 for i in fx["outputs"]):
+            return "flex_attention's log-sum-exp or max score is used (only its output is computed sharded)"
+        q, k, v = node.args[:3]
+        if any(node_val(x).dim() != 4 for x in (q, k, v)):
+            return "flex_attention's q/k/v are not [B, H, S, D]"
+        block = fx["block"]
+        if len(block) != self._FLEX_BLOCK_LEN:
+            return f"flex_attention's BlockMask has {len(block)} fields, not the {self._FLEX_BLOCK_LEN} known"
+        if not all(isinstance(b, int) and not isinstance(b, bool) for b in block[14:16]):
+            return "flex_attention's block size is not a constant"
+        if not isinstance(fx["score"], torch.fx.GraphModule) or not isinstance(fx["mask"], torch.fx.GraphModule):
+            return "flex_attention's score_mod or mask_mod is not a subgraph"
+        if fx["reads"]["score"] is None or fx["reads"]["mask"] is None:
+            return "flex_attention's score_mod or mask_mod arguments cannot be read"
+        kvn = block[2]
+        H = node_val(q).shape[1]
+        if not isinstance(kvn, torch.fx.Node) or node_val(kvn).dim() != 3 or node_val(kvn).shape[1] not in (1, H):
+            return "flex_attention's BlockMask is not [B, H or 1, query blocks]"
+        return None
+
+    def _whole(self, x, node, why):
+        """``x`` (a node, or anything else) whole: gathered where it is sharded."""
+        if isinstance(x, torch.fx.Node) and isinstance(self.layout.get(x), Sharded):
+            g = self.gather_node(x, node, why)
+            node.replace_input_with(x, g)
+            return g
+        return x
+
+    def _flex(self, node, lays):
+        """A ``torch.ops.higher_order.flex_attention`` call whose q is a sharded token sequence becomes one
+        ``ditpass::flex_attention`` op (`ditpass.runtime.seq.flex_seq_attention`), its score_mod / mask_mod / block
+        size in the site's entry; the HOP and its getitems go. K/V the same sharded sequence (self / joint): Ulysses
+        gives each rank its heads of every token, the ring (or USP) each rank's queries against the whole K/V. K/V
+        whole and no token sequence (cross attention): each rank's queries against them, no communication. The op
+        maps the local head and query indices to the global ones that the mods read and cuts the block mask for its
+        heads / queries: exact for any score_mod and mask_mod. A call it cannot take is gathered around (a note)."""
+        sid = self.flex_sites[node]
+        fx = flex_info(node)
+        q, k, v = node.args[:3]
+        lq, lk, lv = (self.layout.get(x) for x in (q, k, v))
+        any_sharded = any(isinstance(x, Sharded) for x in (lq, lk, lv))
+        kv_tok = bool(self.out_token_dims(node_val(k)) or self.out_token_dims(node_val(v))) or \
+            isinstance(lk, Sharded) or isinstance(lv, Sharded)
+        if not any_sharded and self._in_token_dim(q) != 2:
+            self.layout[node] = None  # no token sequence reaches it: it runs as captured
+            return
+        why = self._flex_refusal(node, fx)
+        if why is None and any(isinstance(x, Sharded) and x.dim != 2 for x in (lq, lk, lv)):
+            why = "the sharded tokens are not flex_attention's sequence dim (dim 2 of [B, H, S, D])"
+        if why is None and kv_tok and self.seq.u > 1:
+            qv, kv_, vv = (node_val(x) for x in (q, k, v))
+            if vv.shape[-1] != qv.shape[-1] or qv.shape[1] % kv_.shape[1]:
+                why = "flex_attention with a value head dim unlike q's, or K/V heads that do not divide q's, under Ulysses"
+        if why is not None:
+            if any_sharded:
+                raise _Fallback(why)
+            self.layout[node] = None
+            self.notes.append(f"flex_attention `{node.name}` in `{module_path(node) or '<root>'}`: {why}")
+            return
+        for x in ((q, k, v) if kv_tok else (q,)):  # the sequence's tensors that are not sharded yet: cut here
+            if not isinstance(self.layout.get(x), Sharded):
+                if self._in_token_dim(x) != 2:
+                    raise _Fallback("flex_attention's q/k/v not laid out as [B, H, S, D]")
+                node.replace_input_with(x, self.shard_node(x, 2, node))
+        q, k, v = node.args[:3]
+        lq = self.layout[q]
+        if kv_tok and not all(isinstance(self.layout.get(x), Sharded) and self.layout[x].segs == lq.segs
+                              for x in (k, v)):
+            raise _Fallback("flex_attention's q/k/v sharded on different dims or segments")
+        # everything else it reads is whole on every rank (block tables, the mods' buffers: global positions)
+        tables = [self._whole(t, node, f"flex block mask:{node.name}") for t in node.args[4][2:13]]
+        score_bufs = [self._whole(t, node, f"flex score_mod buffer:{node.name}") for t in node.args[7]]
+        mask_bufs = [self._whole(t, node, f"flex mask_mod buffer:{node.name}") for t in node.args[8]]
+        block = node.args[4]
+        qv = node_val(q)
+        st = self.seq
+        with self.g.inserting_before(node):
+            lens = self.lengths(lq.segs, node)
+            new = self.g.call_function(seq.FLEX_OP, (q, k, v, self._site_attr(sid), tables, score_bufs,
+                                                               mask_bufs, list(block[:2])), {"lengths": lens})
+        new.meta = {k_: node.meta[k_] for k_ in ("ditpass_block", "nn_module_stack", "stack_trace", "ditpass_attention")
+                    if k_ in node.meta}
+        new.meta["val"] = node_val(node)[0]
+        for user in list(node.users):
+            if user.args[1] == 0:
+                user.replace_all_uses_with(new)
+        for user in list(node.users):
+            self.g.erase_node(user)
+        self.g.erase_node(node)
+        self.layout[new] = Sharded(2, lq.segs)
+        self.layout[node] = None
+        reads = fx["reads"]["score"] | fx["reads"]["mask"]
+        per_head = node_val(block[2]).shape[1] != 1
+        large = 1 << 30
+        masked = tuple(block[14:16]) != (large, large)
+        if kv_tok and st.u > 1 and st.r == 1:
+            how = ["Ulysses: this rank's heads of every token, in global order"]
+            how += ["h mapped to the global head"] if "h" in reads else []
+            how += ["the block mask's heads cut to this rank's"] if masked and per_head else []
+        else:
+            how = [("USP: this rank's heads and queries" if kv_tok and st.u > 1 else "this rank's queries") +
+                   (" against the whole K/V (all-gathered)" if kv_tok else " against the whole K/V (replicated)")]
+            how += ["h mapped to the global head"] if "h" in reads and kv_tok and st.u > 1 else []
+            how += ["q_idx mapped to global positions"] if "q_idx" in reads else []
+            how += ["the block mask's heads cut to this rank's"] if masked and per_head and kv_tok and st.u > 1 else []
+            how += ["the block mask's rows cut for them"] if masked else []
+        spec = FlexSite(fx["score"], fx["mask"], node.args[5], dict(node.args[6]), tuple(block[14:16]), block[13],
+                        int(qv.shape[1]), kv_tok, fx["reads"])
+        self.sites.refine(sid, note="flex_attention: " + "; ".join(how), seq=st, flex=spec)
+        local = _nbytes(qv, 1) // st.n
+        if kv_tok and st.u > 1:
+            self.collectives.append(Collective(new.name, "all_to_all x2", "ulysses", new.name,
+                                               int(4 * local * (st.u - 1) / st.u)))
+        if kv_tok and st.r > 1:
+            self.collectives.append(Collective(new.name, "all_gather(k,v)", "ring", new.name, 2 * local * (st.r - 1)))
+
+    def _site_attr(self, sid: int) -> torch.fx.Node:
+        """The get_attr node of site ``sid``'s id tensor (``site_<id>``, a buffer of the graph module), at the top."""
+        attr = f"site_{sid}"
+        self.gm.register_buffer(attr, torch.tensor(sid), persistent=False)
+        top = next(n for n in self.g.nodes if n.op != "placeholder")
+        with self.g.inserting_before(top):
+            site_t = self.g.get_attr(attr)
+        site_t.meta["val"] = getattr(self.gm, attr)
+        self.layout[site_t] = None
+        return site_t
+
     def _attention_batched(self, node, site, lay: Sharded):
         """The sharded dim is a batch dim of this attention (a video DiT's temporal attention over the frames of
         each patch, the patches a batch dim of SDPA): each rank attends for its own tokens, no communication."""
@@ -860,6 +1028,29 @@ def _written_in_place(graph: torch.fx.Graph) -> set:
 
 class _Fallback(Exception):
     pass
+
+
+def _vmap_regions(graph: torch.fx.Graph) -> dict:
+    """Nodes that export traced inside ``torch.vmap`` (flex_attention's BlockMask: ``create_block_mask``,
+    ``BlockMask.from_kv_blocks``): everything from a ``_vmap_increment_nesting`` to its matching
+    ``_vmap_decrement_nesting``, mapped to the outermost increment (where the region starts). Their values are
+    batched at a vmap level; ops inserted among them would see them so."""
+    try:
+        from torch._functorch import predispatch
+    except ImportError:
+        return {}
+    inc, dec = getattr(predispatch, "_vmap_increment_nesting", None), getattr(predispatch, "_vmap_decrement_nesting", None)
+    out, depth, start = {}, 0, None
+    for node in graph.nodes:
+        if node.op == "call_function" and inc is not None and node.target is inc:
+            if depth == 0:
+                start = node
+            depth += 1
+        if depth > 0:
+            out[node] = start
+        if node.op == "call_function" and dec is not None and node.target is dec and depth > 0:
+            depth -= 1
+    return out
 
 
 
