@@ -40,7 +40,7 @@ SP_EXACT = [
      "AceStepTransformer1DModel"],
     ["HiDreamImageTransformer2DModel", "HunyuanImageTransformer2DModel", "HunyuanVideo15Transformer3DModel",
      "HunyuanVideoFramepackTransformer3DModel"],
-    ["RFD4ProteinaTransformer", "Kandinsky6SRTransformer3DModel"],  # residues as tokens (pair-biased attention); flex_attention
+    ["RFD4ProteinaTransformer", "Kandinsky6SRTransformer3DModel", "Kandinsky6Transformer3DModel"],  # residues as tokens (pair-biased attention); flex_attention
 ]
 
 

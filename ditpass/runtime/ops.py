@@ -5,6 +5,7 @@
     gather(x, dim, lengths, n, group)       the full tensor again (all-gather, padding dropped)
     ulysses_send(q, k, v, u, group)         start the Ulysses all-to-all of q/k/v (not waited)
     attention(q, k, v, site, ...)           one attention site, run as its `SiteStrategy` says
+    flex_attention(q, k, v, site, ...)      a flex_attention site (registered in `seq`, with its body)
     cache_write(buf, value)                 copy value into a run-state buffer (declared mutation)
 
 Why custom ops and not Python functions in the graph: the fake implementations return the shape this
@@ -140,4 +141,4 @@ def _(buf, value):
 
 # op targets by name, for passes and explain that match nodes (``node.target is OPS["attention"]``)
 OPS = {name: getattr(torch.ops.ditpass, name).default
-       for name in ("shard", "patch_shard", "gather", "ulysses_send", "attention", "cache_write")}
+       for name in ("shard", "patch_shard", "gather", "ulysses_send", "attention", "flex_attention", "cache_write")}
