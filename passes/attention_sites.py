@@ -40,16 +40,12 @@ class AttentionSites(GraphPass):
         for node in [n for n in gm.graph.nodes if is_sdpa(n)]:
             site = info.get(node.name)
             entry = ctx.sites.add(node.name, site.kind if site else "other", site.module if site else "")
-            attr = f"site_{entry.site}"
-            gm.register_buffer(attr, torch.tensor(entry.site), persistent=False)
+            site_t = site_id_node(gm, entry.site, top)
             kwargs = {}
             for i, (key, default) in enumerate(_SDPA_ARGS):
                 value = node.args[3 + i] if len(node.args) > 3 + i else node.kwargs.get(key, default)
                 if value is not default and value != default:
                     kwargs[key] = value
-            with gm.graph.inserting_before(top):
-                site_t = gm.graph.get_attr(attr)
-                site_t.meta["val"] = getattr(gm, attr)
             with gm.graph.inserting_before(node):
                 new = gm.graph.call_function(OPS["attention"], (*node.args[:3], site_t), kwargs)
             new.meta = dict(node.meta)
@@ -59,3 +55,14 @@ class AttentionSites(GraphPass):
         note = (f"{made} SDPA calls became ditpass::attention sites (their ids: the sites table above)" if made
                 else "no SDPA in the graph")
         return PassResult(self.name, made > 0, notes=[note])
+
+
+def site_id_node(gm: torch.fx.GraphModule, site: int, top: torch.fx.Node) -> torch.fx.Node:
+    """The ``get_attr`` node of site ``site``'s id tensor (``site_<id>``, a non-persistent buffer of ``gm``),
+    inserted before ``top`` (the first node after the placeholders: no block's code is interrupted by it)."""
+    attr = f"site_{site}"
+    gm.register_buffer(attr, torch.tensor(site), persistent=False)
+    with gm.graph.inserting_before(top):
+        site_t = gm.graph.get_attr(attr)
+    site_t.meta["val"] = getattr(gm, attr)
+    return site_t

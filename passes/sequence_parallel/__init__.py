@@ -42,6 +42,7 @@ import torch.fx
 
 from ditpass.pass_base import GraphPass, PassContext, PassResult
 
+from ..attention_sites import site_id_node
 from .rewriter import Sharded, _Rewriter
 
 __all__ = ["SequenceParallel", "ReplicatedWarning"]
@@ -101,11 +102,7 @@ def _fold_written_attention(gm, ctx) -> int:
             continue
         q, k, v = (nodes[x] for x in site.written[:3])
         entry = ctx.sites.add(node.name, site.kind, site.module)
-        attr = f"site_{entry.site}"
-        gm.register_buffer(attr, torch.tensor(entry.site), persistent=False)
-        with gm.graph.inserting_before(top):
-            site_t = gm.graph.get_attr(attr)
-            site_t.meta["val"] = getattr(gm, attr)
+        site_t = site_id_node(gm, entry.site, top)
         with gm.graph.inserting_before(node):
             new = gm.graph.call_function(OPS["attention"], (q, k, v, site_t), {"scale": site.written[3]})
         new.meta = dict(node.meta)

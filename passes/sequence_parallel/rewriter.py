@@ -27,6 +27,7 @@ from ditpass.runtime.ops import OPS
 from ditpass.runtime.sites import FlexSite, SeqAttention
 from ditpass.runtime.tokens import OPS as TOKEN_OPS
 
+from ..attention_sites import site_id_node
 from . import rules
 
 aten = torch.ops.aten
@@ -857,12 +858,7 @@ class _Rewriter:
 
     def _site_attr(self, sid: int) -> torch.fx.Node:
         """The get_attr node of site ``sid``'s id tensor (``site_<id>``, a buffer of the graph module), at the top."""
-        attr = f"site_{sid}"
-        self.gm.register_buffer(attr, torch.tensor(sid), persistent=False)
-        top = next(n for n in self.g.nodes if n.op != "placeholder")
-        with self.g.inserting_before(top):
-            site_t = self.g.get_attr(attr)
-        site_t.meta["val"] = getattr(self.gm, attr)
+        site_t = site_id_node(self.gm, sid, next(n for n in self.g.nodes if n.op != "placeholder"))
         self.layout[site_t] = None
         return site_t
 
